@@ -77,9 +77,7 @@ class RecurrentBlock(nnx.Module):
         self.linear_out = make_param(rngs, fan_in_init((0,)), (w, d), pd, ("lru", "embed"))
         self.linear_out_bias = make_param(rngs, zeros, (d,), pd, ("embed",))
         # conv_w[j] multiplies the input j - (conv_width - 1) steps away (last tap = current).
-        self.conv_w = make_param(
-            rngs, fan_in_init((0,)), (cfg.conv_width, w), pd, ("conv", "lru")
-        )
+        self.conv_w = make_param(rngs, fan_in_init((0,)), (cfg.conv_width, w), pd, ("conv", "lru"))
         self.conv_bias = make_param(rngs, zeros, (w,), pd, ("lru",))
         gate_init = fan_in_init((1,))
         gate_axes = ("heads", "lru_block", "lru_block_out")
@@ -154,4 +152,3 @@ class RecurrentBlock(nnx.Module):
             "conv": jnp.zeros((batch, self.cfg.conv_width - 1, w), dtype),
             "h": jnp.zeros((batch, w), jnp.float32),
         }
-

@@ -23,13 +23,17 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 def make_param(rngs: nnx.Rngs, init, shape, dtype, axes: tuple[str, ...]) -> nnx.Param:
-    """A parameter with its logical axis names (one name per dimension)."""
+    """A parameter with its logical axis names (one name per dimension).
+
+    Drawn in float32 and then cast, so that the same seed gives the same weights (up to
+    rounding) in every param_dtype.
+    """
     assert len(axes) == len(shape), (axes, shape)
-    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32).astype(dtype), axes=axes)
 
 
 def fan_in_init(in_axes: tuple[int, ...]):
-    """Truncated normal with variance 1/fan_in, where fan_in spans `in_axes` (e.g. heads*head_dim)."""
+    """Truncated normal, variance 1/fan_in; fan_in spans `in_axes` (e.g. heads and head_dim)."""
     return jax.nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=-1
     )
@@ -44,7 +48,7 @@ def param_axes(state) -> dict:
 
     def axes(v):
         names = tuple(v.get_metadata()["axes"])
-        extra = v.value.ndim - len(names)
+        extra = len(v.get_value().shape) - len(names)
         return ("layers",) * extra + names
 
     return jax.tree.map(axes, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
