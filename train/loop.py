@@ -1,0 +1,233 @@
+"""What every training stage shares: the jitted step, evaluation, and stopping on SIGTERM.
+
+A stage (recipes/*.py) reads top to bottom and calls these pieces; there is no trainer class.
+
+The train step is one jitted function of (params, opt_state, batch, step) with explicit
+shardings and donated state. Its loss function returns SUMS over tokens, and the step divides by
+the batch's token count, so gradient accumulation over micro-batches gives exactly the gradient
+of the whole batch. A non-finite loss or gradient never reaches the parameters: the update is
+dropped inside the step (no host sync) and counted in `nonfinite`; the stage then stops or
+carries on according to its `nan_policy` when it next reads the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+# loss_fn(model, batch, rng) -> (sum of per-token losses, {metric: sum over tokens, "tokens": n})
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    grad_accum: int,
+    param_shardings,
+    opt_shardings,
+    batch_sharding,
+    rng: jax.Array,
+):
+    """A jitted `step(params, opt_state, batch, step) -> (params, opt_state, metrics)`."""
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+
+    def micro_loss(params, batch, key):
+        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, key)
+        return loss_sum, sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(params, opt_state, batch, step_index):
+        key = jax.random.fold_in(rng, step_index)
+        if grad_accum == 1:
+            (_, sums), grads = grad_fn(params, batch, key)
+        else:
+            # micro-batch j takes rows j, j+A, j+2A, ...: every device keeps an equal share
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(
+                    0, 1
+                ),
+                batch,
+            )
+
+            def body(carry, inputs):
+                j, mb = inputs
+                (_, s), g = grad_fn(params, mb, jax.random.fold_in(key, j))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zero_g = jax.tree.map(jnp.zeros_like, params)
+            (_, zero_s), _ = jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro), key
+            )
+            zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_s)
+            (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (jnp.arange(grad_accum), micro))
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads)
+        metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
+        metrics["tokens"] = sums["tokens"]
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics["grad_norm"] = grad_norm
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated),
+        out_shardings=(param_shardings, opt_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_eval_step(*, graphdef: nnx.GraphDef, loss_fn: LossFn, param_shardings, batch_sharding):
+    """A jitted `eval_step(params, batch) -> sums` (no gradient, fixed rng)."""
+    key = jax.random.key(0)
+
+    def eval_step(params, batch):
+        _, sums = loss_fn(nnx.merge(graphdef, params), batch, key)
+        return sums
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+
+
+def evaluate(eval_step, params, batches: Iterable[dict], *, put) -> dict[str, float]:
+    """Token-weighted means of the eval sums over `batches`, plus perplexity."""
+    total: dict[str, float] = {}
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, put(batch)))
+        for k, v in sums.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    tokens = max(total.pop("tokens", 0.0), 1.0)
+    out = {f"eval_{k}": v / tokens for k, v in total.items()}
+    if "eval_loss" in out:
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+    out["eval_tokens"] = tokens
+    return out
+
+
+def put_batch(batch: dict, sharding) -> dict:
+    """Host numpy batch -> global jax arrays on the mesh (each process supplies its rows)."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+class StopFlag:
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns at the next step.
+
+    A scheduler's SIGTERM (preemption, scancel) then costs nothing but the current step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# model parameters: random, from a pipeline stage, a checkpoint directory or Hugging Face
+
+
+def abstract_params(model_cfg, *, mesh, rules):
+    """(graphdef, abstract params with shardings, shardings) without allocating anything."""
+    from train.mesh import param_shardings
+    from train.models.gemma import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    shardings = param_shardings(state, mesh=mesh, rules=rules).to_pure_dict()
+    shapes = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        state.to_pure_dict(),
+        shardings,
+    )
+    return graphdef, shapes, shardings
+
+
+def load_params(path: str, *, abstract) -> dict:
+    """Parameters from a distillax checkpoint step directory (`<stage>/checkpoints/<step>`)."""
+    from pathlib import Path
+
+    from train.checkpoint import Checkpointer
+
+    step_dir = Path(path)
+    if not step_dir.exists() or not step_dir.name.isdigit():
+        raise FileNotFoundError(f"{path}: not a checkpoint step directory (…/checkpoints/<step>)")
+    with Checkpointer(directory=step_dir.parent, keep=1_000_000, async_save=False) as ckpt:
+        state, _ = ckpt.restore(int(step_dir.name), abstract_state={"params": abstract})
+    return state["params"]
+
+
+def init_params(*, model_cfg, init, mesh, rules, seed: int, artifact=None):
+    """(graphdef, params, shardings) for a stage's model, placed on the mesh.
+
+    `init` is an InitConfig: nothing set gives a random init from `seed` (drawn directly in
+    shards), `stage` the final checkpoint of an upstream stage (`artifact(stage)` gives its
+    manifest entry), `checkpoint` a step directory, `hf` a Hugging Face checkpoint whose
+    architecture must equal `model_cfg`.
+    """
+    from train.mesh import init_sharded
+    from train.models.gemma import Transformer
+
+    graphdef, abstract, shardings = abstract_params(model_cfg, mesh=mesh, rules=rules)
+    if init.stage:
+        return (
+            graphdef,
+            load_params(artifact(init.stage)["final_checkpoint"], abstract=abstract),
+            shardings,
+        )
+    if init.checkpoint:
+        return graphdef, load_params(init.checkpoint, abstract=abstract), shardings
+    if init.hf:
+        from train.models.hf import load_hf
+
+        model = load_hf(
+            init.hf,
+            param_dtype=model_cfg.param_dtype,
+            compute_dtype=model_cfg.compute_dtype,
+            scan_layers=model_cfg.scan_layers,
+            remat=model_cfg.remat,
+        )
+        theirs, ours = model.cfg.model_dump(), model_cfg.model_dump()
+        diff = [k for k in ours if ours[k] != theirs[k]]
+        if diff:
+            raise ValueError(
+                f"init.hf {init.hf}: the checkpoint's architecture differs from the model in "
+                + ", ".join(f"{k} (checkpoint {theirs[k]!r}, config {ours[k]!r})" for k in diff)
+            )
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        return graphdef, jax.device_put(params, shardings), shardings
+    model = init_sharded(
+        lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)), mesh=mesh, rules=rules
+    )
+    return graphdef, nnx.state(model, nnx.Param).to_pure_dict(), shardings

@@ -1,0 +1,313 @@
+"""The run directory, its manifest, the stage graph and resume.
+
+    runs/<name>/config.yaml      the resolved config
+    runs/<name>/manifest.json    per stage: status, config_hash, step, final_checkpoint,
+                                 params_sha256, metrics (written atomically)
+    runs/<name>/<stage>/...      checkpoints/, final/, metrics.jsonl, stage outputs
+    runs/<name>/report.md        summary table at the end
+
+Running the same command again continues the run: `done` stages with an unchanged config hash
+are skipped, an interrupted stage resumes from its latest checkpoint. A changed stage config
+invalidates that stage and everything downstream; launch refuses to mix old and new results
+unless `--fresh` (start the run over) is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from train.config import ConfigError, PipelineConfig, dump_yaml
+from train.loop import StopFlag
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a temp file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageResult:
+    status: str  # "done" or "interrupted"
+    step: int
+    final_checkpoint: str | None = None
+    params_sha256: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Manifest:
+    """manifest.json: the truth about a run. Only process 0 writes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {"status": "pending"})
+
+    def update(self, name: str, **fields) -> None:
+        self.stage(name).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        if is_main_process():
+            atomic_write(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class StageContext:
+    """What a stage gets besides its own config: the run, the mesh, the tokenizer, artifacts."""
+
+    pipeline: PipelineConfig
+    name: str
+    manifest: Manifest
+    stop: StopFlag
+    _mesh: Any = None
+    _tokenizer: Any = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.pipeline.run_dir
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def config_hash(self) -> str:
+        return self.pipeline.stage_hash(self.name)
+
+    @property
+    def seed(self) -> int:
+        return self.pipeline.run.seed
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            from train.mesh import make_mesh
+
+            self._mesh = make_mesh(self.pipeline.mesh)
+        return self._mesh
+
+    @property
+    def rules(self) -> dict:
+        return self.pipeline.mesh.logical_rules()
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from data.tokenizer import load_tokenizer
+
+            t = self.pipeline.tokenizer
+            self._tokenizer = load_tokenizer(
+                kind=t.kind,
+                vocab_size=t.vocab_size,
+                train_on=t.train_on,
+                path=t.path,
+                cache_dir=str(self.run_dir / "tokenizer"),
+            )
+        return self._tokenizer
+
+    def model_config(self, name: str):
+        return self.pipeline.models[name]
+
+    def artifact(self, stage: str) -> dict:
+        """The manifest entry of a finished upstream stage (its final checkpoint, metrics)."""
+        entry = self.manifest.stage(stage)
+        if entry.get("status") != "done":
+            raise RuntimeError(f"stage {self.name!r} needs stage {stage!r}, which is not done")
+        return entry
+
+    def progress(self, *, step: int) -> None:
+        """Record how far the stage got (called at checkpoints)."""
+        self.manifest.update(self.name, step=step)
+
+    def logger(self, *, total_steps: int, start_step: int):
+        from train.metrics import MetricsLogger
+
+        return MetricsLogger(
+            stage_dir=self.stage_dir,
+            run_dir=self.run_dir,
+            run_name=self.pipeline.run.name,
+            stage_name=self.name,
+            cfg=self.pipeline.logging,
+            config=self.pipeline.to_dict(),
+            total_steps=total_steps,
+            start_step=start_step,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class PlanItem:
+    stage: str
+    kind: str
+    action: str  # "run", "resume", "skip", "rerun"
+    detail: str = ""
+
+
+def plan(cfg: PipelineConfig, manifest: Manifest) -> list[PlanItem]:
+    """What launching now would do for each stage, in order. Raises ConfigError where the run
+    directory holds results of a different config (unless the caller starts fresh)."""
+    items, changed = [], []
+    invalid: set[str] = set()
+    for name in cfg.order:
+        st = cfg.stages[name]
+        entry = manifest.data["stages"].get(name, {"status": "pending"})
+        old_hash, new_hash = entry.get("config_hash"), cfg.stage_hash(name)
+        status = entry.get("status", "pending")
+        upstream_invalid = any(d in invalid for d in cfg.dependencies(name))
+        if status != "pending" and old_hash not in (None, new_hash):
+            invalid.add(name)
+            changed.append(name)
+            items.append(PlanItem(name, st.kind, "rerun", "config changed"))
+        elif upstream_invalid:
+            invalid.add(name)
+            if status != "pending":
+                changed.append(name)
+            items.append(PlanItem(name, st.kind, "rerun", "upstream changed"))
+        elif status == "done":
+            items.append(PlanItem(name, st.kind, "skip", f"done at step {entry.get('step')}"))
+        elif status in ("running", "failed") and entry.get("step"):
+            items.append(PlanItem(name, st.kind, "resume", f"from step {entry['step']}"))
+        else:
+            items.append(PlanItem(name, st.kind, "run"))
+    if changed:
+        raise ConfigError(
+            [
+                f"{cfg.source}: run {cfg.run.name!r} in {cfg.run_dir} holds results of a different "
+                f"config for stage(s) {', '.join(changed)}; rerun with --fresh to start the run "
+                "over, or set run.name to a new name"
+            ]
+        )
+    return items
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    cells = lambda r: (str(c).ljust(w) for c, w in zip(r, widths, strict=True))
+    line = lambda r: "| " + " | ".join(cells(r)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *[line(r) for r in rows]])
+
+
+def describe_plan(items: list[PlanItem]) -> str:
+    return format_table(
+        [[i.stage, i.kind, i.action, i.detail] for i in items],
+        ["stage", "kind", "action", "detail"],
+    )
+
+
+def summary(cfg: PipelineConfig, manifest: Manifest) -> str:
+    rows = []
+    for name in cfg.order:
+        e = manifest.data["stages"].get(name, {})
+        m = e.get("metrics", {})
+        shown = ", ".join(
+            f"{k}={_fmt(v)}" for k, v in m.items() if k.startswith("eval_") or k in ("unigram_ppl",)
+        )
+        rows.append(
+            [name, cfg.stages[name].kind, e.get("status", "pending"), str(e.get("step", "")), shown]
+        )
+    return format_table(rows, ["stage", "kind", "status", "step", "metrics"])
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def prepare_run_dir(cfg: PipelineConfig, *, fresh: bool) -> Manifest:
+    run_dir = cfg.run_dir
+    if fresh and run_dir.exists() and is_main_process():
+        shutil.rmtree(run_dir)
+    manifest = Manifest(run_dir / "manifest.json")
+    return manifest
+
+
+def run_pipeline(cfg: PipelineConfig, *, fresh: bool = False, log=print) -> int:
+    """Run every stage in order; returns the process exit status (0 done or interrupted)."""
+    from recipes import stage_module
+
+    manifest = prepare_run_dir(cfg, fresh=fresh)
+    items = plan(cfg, manifest)
+    if is_main_process():
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cfg.run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+    manifest.data.setdefault("run", cfg.run.name)
+    manifest.data.setdefault("created", now())
+    for name in cfg.order:  # record every stage, so the manifest shows the whole plan
+        entry = manifest.stage(name)
+        entry.setdefault("kind", cfg.stages[name].kind)
+        if entry.get("status", "pending") == "pending":
+            entry["config_hash"] = cfg.stage_hash(name)
+    manifest.save()
+
+    log(describe_plan(items))
+    with StopFlag() as stop:
+        for item in items:
+            if item.action == "skip":
+                continue
+            name = item.stage
+            ctx = StageContext(pipeline=cfg, name=name, manifest=manifest, stop=stop)
+            manifest.update(
+                name, status="running", config_hash=ctx.config_hash, started=now(), error=None
+            )
+            log(f"== stage {name} ({item.kind}): {item.action} {item.detail}".rstrip())
+            try:
+                result: StageResult = stage_module(item.kind).run(cfg.stages[name], ctx)
+            except BaseException as e:
+                manifest.update(name, status="failed", error=f"{type(e).__name__}: {e}")
+                if is_main_process():
+                    (ctx.stage_dir).mkdir(parents=True, exist_ok=True)
+                    (ctx.stage_dir / "error.txt").write_text(traceback.format_exc())
+                raise
+            if result.status == "interrupted":
+                manifest.update(name, step=result.step)
+                log(
+                    f"stopped by signal in stage {name} at step {result.step}; a checkpoint is "
+                    "saved. Run the same command again to resume."
+                )
+                return 0
+            manifest.update(
+                name,
+                status="done",
+                step=result.step,
+                final_checkpoint=result.final_checkpoint,
+                params_sha256=result.params_sha256,
+                metrics=result.metrics,
+                finished=now(),
+            )
+    table = summary(cfg, manifest)
+    if is_main_process():
+        atomic_write(cfg.run_dir / "report.md", f"# Run {cfg.run.name}\n\n{table}\n")
+    log(table)
+    return 0
