@@ -392,7 +392,10 @@ def parse_config(raw: dict, *, source: str = "<config>", num_devices: int | None
         if not NAME_RE.match(str(name)):
             errors.append(f"{source}: {prefix}: stage names are plain directory names")
             continue
-        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict):
+            errors.append(f"{source}: {prefix}: expected a mapping with a kind, got {spec!r}")
+            continue
+        kind = spec.get("kind")
         if kind not in STAGE_KINDS:
             close = difflib.get_close_matches(str(kind), list(STAGE_KINDS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -218,7 +218,7 @@ def init_params(*, model_cfg, init, mesh, rules, seed: int, artifact=None):
             scan_layers=model_cfg.scan_layers,
             remat=model_cfg.remat,
         )
-        theirs, ours = model.cfg.model_dump(), model_cfg.model_dump()
+        theirs, ours = model.cfg.architecture(), model_cfg.architecture()
         diff = [k for k in ours if ours[k] != theirs[k]]
         if diff:
             raise ValueError(

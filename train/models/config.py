@@ -106,3 +106,16 @@ class ModelConfig(BaseModel):
 
             s = float(np.asarray(s, dtype=ml_dtypes.bfloat16))
         return s
+
+    def architecture(self) -> dict:
+        """The fields that decide what the weights mean, with settings that have no effect
+        normalised away (a window without local layers, the default query scale spelt out):
+        two configs with equal architecture() can share weights."""
+        arch = self.model_dump(exclude={"param_dtype", "compute_dtype", "scan_layers", "remat"})
+        arch["query_pre_attn_scalar"] = float(self.query_pre_attn_scalar or self.head_dim)
+        kinds = set(self.layer_kinds)
+        if "local" not in kinds:
+            arch.update(sliding_window=None, rope_local_base=None)
+        if "global" not in kinds:
+            arch.update(rope_base=None, rope_global_scale=None)
+        return arch
