@@ -139,7 +139,13 @@ class PackedRows:
     """
 
     def __init__(
-        self, corpus: TokenizedCorpus, *, seq_len: int, pad_id: int, num_rows: int | None = None
+        self,
+        corpus: TokenizedCorpus,
+        *,
+        seq_len: int,
+        pad_id: int,
+        num_rows: int | None = None,
+        max_rows: int | None = None,
     ):
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} must be at least 2")
@@ -149,6 +155,10 @@ class PackedRows:
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.num_real_rows = -(-len(corpus.tokens) // seq_len)
+        if max_rows is not None:  # the first max_rows rows only (a fixed token budget)
+            if max_rows < 1:
+                raise ValueError(f"max_rows={max_rows} must be positive")
+            self.num_real_rows = min(self.num_real_rows, max_rows)
         self.num_rows = self.num_real_rows if num_rows is None else num_rows
         if self.num_rows < self.num_real_rows:
             raise ValueError(f"num_rows={num_rows} < {self.num_real_rows} rows of real tokens")
@@ -208,10 +218,13 @@ def packed_rows(
     seq_len: int,
     cache_dir: str | os.PathLike | None,
     num_rows: int | None = None,
+    max_rows: int | None = None,
 ) -> PackedRows:
     """Tokenizes (or loads from cache) `docs` and cuts the stream into rows."""
     corpus = tokenize_documents(docs=docs, tokenizer=tokenizer, cache_dir=cache_dir)
-    return PackedRows(corpus, seq_len=seq_len, pad_id=tokenizer.pad_id, num_rows=num_rows)
+    return PackedRows(
+        corpus, seq_len=seq_len, pad_id=tokenizer.pad_id, num_rows=num_rows, max_rows=max_rows
+    )
 
 
 def _process_layout(
@@ -258,6 +271,7 @@ class BatchSource:
         num_epochs: int | None,
         process_index: int | None = None,
         process_count: int | None = None,
+        with_row_ids: bool = False,
     ):
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs={num_epochs} must be a positive integer or None")
@@ -272,6 +286,7 @@ class BatchSource:
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.num_epochs = num_epochs
+        self.with_row_ids = with_row_ids
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -304,7 +319,11 @@ class BatchSource:
     def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
         if not 0 <= batch < len(self):
             raise IndexError(f"batch {batch} out of range [0, {len(self)})")
-        return self.rows.rows(self.row_ids(batch))
+        row_ids = self.row_ids(batch)
+        out = self.rows.rows(row_ids)
+        if self.with_row_ids:  # for per-row side data, e.g. stored teacher logits
+            out["row_ids"] = row_ids.astype(np.int32)
+        return out
 
 
 def batched(
@@ -315,6 +334,7 @@ def batched(
     num_epochs: int | None,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_row_ids: bool = False,
 ) -> grain.MapDataset:
     """This process's batches of `rows` as a grain MapDataset (see BatchSource for the order)."""
     source = BatchSource(
@@ -324,6 +344,7 @@ def batched(
         num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        with_row_ids=with_row_ids,
     )
     return grain.MapDataset.source(source)
 
@@ -340,10 +361,19 @@ def train_dataset(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    max_rows: int | None = None,
+    with_row_ids: bool = False,
 ) -> grain.MapDataset:
-    """Batches of the train split, shuffled each epoch; endless unless `num_epochs` is given."""
+    """Batches of the train split, shuffled each epoch; endless unless `num_epochs` is given.
+
+    max_rows keeps only the first rows of the packed split (a fixed token budget that several
+    stages share, e.g. the rows a teacher's logits were stored for); with_row_ids adds the
+    packed row index of every batch row as "row_ids" [local_batch].
+    """
     docs = load_documents(corpus, split="train", heldout_fraction=heldout_fraction)
-    rows = packed_rows(docs=docs, tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir)
+    rows = packed_rows(
+        docs=docs, tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir, max_rows=max_rows
+    )
     return batched(
         rows,
         global_batch_size=global_batch_size,
@@ -351,6 +381,7 @@ def train_dataset(
         num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        with_row_ids=with_row_ids,
     )
 
 

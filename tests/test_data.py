@@ -431,3 +431,37 @@ def test_finite_epochs_and_eval_set(slice_spec, tok, cache_dir):
 
 def test_corpus_module_lists_registered_names():
     assert "kjv" in corpus_lib.corpus_names()
+
+
+def test_max_rows_and_row_ids(slice_spec, tok, cache_dir, rows):
+    ds = pipeline.train_dataset(
+        corpus=slice_spec,
+        tokenizer=tok,
+        seq_len=SEQ_LEN,
+        global_batch_size=4,
+        seed=3,
+        cache_dir=cache_dir,
+        num_epochs=2,
+        max_rows=10,
+        with_row_ids=True,
+        process_index=0,
+        process_count=1,
+    )
+    batches = [ds[i] for i in range(len(ds))]
+    assert len(batches) == 5  # 2 epochs x 10 rows / 4, cut to whole batches
+    ids = np.concatenate([b["row_ids"] for b in batches])
+    assert sorted(ids[:10].tolist()) == list(range(10))  # one epoch: each of the 10 rows once
+    for b in batches:  # the ids name the rows served
+        want = rows.rows(b["row_ids"])
+        np.testing.assert_array_equal(b["inputs"], want["inputs"])
+    plain = pipeline.train_dataset(
+        corpus=slice_spec,
+        tokenizer=tok,
+        seq_len=SEQ_LEN,
+        global_batch_size=4,
+        seed=3,
+        cache_dir=cache_dir,
+        process_index=0,
+        process_count=1,
+    )
+    assert "row_ids" not in plain[0]
