@@ -5,6 +5,9 @@ import importlib
 
 STAGE_KINDS = {
     "pretrain": "recipes.pretrain",
+    "sample_logits": "recipes.sample_logits",
+    "distill": "recipes.distill",
+    "evaluate": "recipes.evaluate",
 }
 
 

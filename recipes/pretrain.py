@@ -38,9 +38,9 @@ class Config(TrainStageConfig):
     kind: Literal["pretrain"]
 
 
-def lm_loss(model, batch, rng):
+def lm_loss(model, batch, rng, extra):
     """Sum of next-token NLL over real target tokens, with the sums needed for metrics."""
-    del rng
+    del rng, extra
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     _, m = next_token_ce(logits=logits, targets=batch["targets"], mask=batch["loss_mask"])
     return m["nll_sum"], {"loss": m["nll_sum"], "accuracy": m["correct_sum"], "tokens": m["tokens"]}
@@ -145,7 +145,9 @@ def run(cfg: Config, ctx) -> StageResult:
     pending = []  # per-step metrics still on device: read at log time, no per-step host sync
     step = start
     for step in range(start + 1, cfg.steps + 1):
-        params, opt_state, metrics = train_step(params, opt_state, put(next(batches)), step - 1)
+        params, opt_state, metrics = train_step(
+            params, opt_state, put(next(batches)), step - 1, None
+        )
         pending.append((step, metrics))
         throughput.tick(tokens=tokens_per_step)
         if step % log_every == 0 or step == cfg.steps or ctx.stop.requested:

@@ -69,7 +69,7 @@ def one_step(setup, *, accum, loss_fn=lm_loss, b=None):
         batch_sharding=batch_sharding(mesh),
         rng=jax.random.key(0),
     )
-    return step(params, opt, b or batch(), 0)
+    return step(params, opt, b or batch(), 0, None)
 
 
 def test_gradient_accumulation_equals_the_whole_batch(setup):
@@ -82,8 +82,8 @@ def test_gradient_accumulation_equals_the_whole_batch(setup):
 
 
 def test_non_finite_update_is_dropped(setup):
-    def nan_loss(model, b, rng):
-        s, sums = lm_loss(model, b, rng)
+    def nan_loss(model, b, rng, extra):
+        s, sums = lm_loss(model, b, rng, extra)
         return s * jnp.nan, {**sums, "loss": s * jnp.nan}
 
     _, _, before, _ = setup

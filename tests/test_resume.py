@@ -133,8 +133,10 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_params(workdir, r
     assert steps == list(range(5, 61, 5))
 
 
-def wait_for_checkpoint(run_dir: Path, proc, at_least: int = 8, timeout: float = 300):
-    ckpts = run_dir / "a" / "checkpoints"
+def wait_for_checkpoint(
+    run_dir: Path, proc, at_least: int = 8, timeout: float = 300, stage: str = "a"
+):
+    ckpts = run_dir / stage / "checkpoints"
     end = time.time() + timeout
     while time.time() < end:
         steps = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []

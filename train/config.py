@@ -86,6 +86,8 @@ class DataConfig(Strict):
     batch_size: int = Field(16, gt=0)
     """global batch size in sequences (all processes, all micro-batches)"""
     heldout_fraction: float = Field(0.02, gt=0, lt=1)
+    max_rows: int | None = Field(None, gt=0)
+    """use only the first N packed training rows (a token budget stages can share)"""
 
 
 class OptimConfig(Strict):
@@ -111,6 +113,26 @@ class EvalConfig(Strict):
     """held-out batches per evaluation (fewer if the held-out set is smaller)"""
 
 
+class DistillLossConfig(Strict):
+    """The distillation loss (`train/losses.py`), mixed with hard-label CE by alpha."""
+
+    kind: Literal["sampled_ce", "topk_kl", "full_kl"] = "sampled_ce"
+    """sampled_ce: Gemma 3 (CE on the teacher restricted to sampled ids, renormalised);
+    topk_kl: KL on the teacher's top-k; full_kl: divergence on the full distribution"""
+    alpha: float = Field(1.0, ge=0, le=1)
+    """weight of the distillation term; 1 - alpha goes to next-token CE on the data"""
+    temperature: float = Field(1.0, gt=0)
+    """softens both distributions; the loss is multiplied by T^2"""
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"
+    """full_kl only: KL(teacher||student), KL(student||teacher) or generalised JSD(beta)"""
+    beta: float = Field(0.5, ge=0, le=1)
+    renormalize: Literal["both", "teacher_only"] = "both"
+    """topk_kl only: renormalise both over the top-k (MaxText), or keep the teacher's missing
+    mass as one extra bin against the student's mass outside the top-k (DistillKit)"""
+    weights: Literal["probs", "counts"] = "probs"
+    """sampled_ce only: target weights from teacher probabilities or from draw counts"""
+
+
 class StageConfig(Strict):
     """Fields every stage kind has. A stage kind subclasses this in recipes/<kind>.py."""
 
@@ -124,6 +146,12 @@ class StageConfig(Strict):
 
     def model_names(self) -> list[str]:
         """Names under `models:` this stage uses."""
+        return []
+
+    def check(
+        self, *, name: str, stages: dict[str, StageConfig], models: dict[str, ModelConfig]
+    ) -> list[str]:
+        """Problems that need the other stages (or the models) to see, as "key: message"."""
         return []
 
 
@@ -177,6 +205,10 @@ class PipelineConfig:
     def dependencies(self, stage: str) -> list[str]:
         st = self.stages[stage]
         return list(dict.fromkeys([*st.after, *st.references().values()]))
+
+    def stage_model(self, stage: str) -> ModelConfig:
+        """The model config of a training stage (a stage that other stages read weights from)."""
+        return self.models[self.stages[stage].model]
 
     def stage_hash(self, stage: str) -> str:
         """What a stage's result depends on: its config, its models, the tokenizer, the seed,
@@ -423,6 +455,14 @@ def parse_config(raw: dict, *, source: str = "<config>", num_devices: int | None
                     f"{source}: stages.{name}.{field}: unknown stage {target!r}{hint}; "
                     f"valid: {', '.join(raw_stages)}"
                 )
+    if errors:
+        raise ConfigError(errors)
+
+    for name, st in stages.items():
+        errors += [
+            f"{source}: stages.{name}.{m}"
+            for m in st.check(name=name, stages=stages, models=models)
+        ]
     if errors:
         raise ConfigError(errors)
 

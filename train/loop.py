@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-# loss_fn(model, batch, rng) -> (sum of per-token losses, {metric: sum over tokens, "tokens": n})
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(model, batch, rng, extra) -> (sum of per-token losses, {metric: sum, "tokens": n}).
+# `extra` is whatever else the step needs on device (a teacher's parameters), or None.
+LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(
@@ -37,20 +39,26 @@ def make_train_step(
     opt_shardings,
     batch_sharding,
     rng: jax.Array,
+    extra_shardings=None,
 ):
-    """A jitted `step(params, opt_state, batch, step) -> (params, opt_state, metrics)`."""
+    """A jitted `step(params, opt_state, batch, step, extra) -> (params, opt_state, metrics)`.
+
+    `extra` (sharded as `extra_shardings`) is passed through to the loss, e.g. frozen teacher
+    parameters for online distillation; it is an argument rather than a closure so that XLA
+    does not embed it in the program as a constant.
+    """
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
 
-    def micro_loss(params, batch, key):
-        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, key)
+    def micro_loss(params, batch, key, extra):
+        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, key, extra)
         return loss_sum, sums
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(params, opt_state, batch, step_index):
+    def step(params, opt_state, batch, step_index, extra):
         key = jax.random.fold_in(rng, step_index)
         if grad_accum == 1:
-            (_, sums), grads = grad_fn(params, batch, key)
+            (_, sums), grads = grad_fn(params, batch, key, extra)
         else:
             # micro-batch j takes rows j, j+A, j+2A, ...: every device keeps an equal share
             micro = jax.tree.map(
@@ -62,12 +70,12 @@ def make_train_step(
 
             def body(carry, inputs):
                 j, mb = inputs
-                (_, s), g = grad_fn(params, mb, jax.random.fold_in(key, j))
+                (_, s), g = grad_fn(params, mb, jax.random.fold_in(key, j), extra)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zero_g = jax.tree.map(jnp.zeros_like, params)
             (_, zero_s), _ = jax.eval_shape(
-                grad_fn, params, jax.tree.map(lambda x: x[0], micro), key
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro), key, extra
             )
             zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_s)
             (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (jnp.arange(grad_accum), micro))
@@ -86,45 +94,79 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated),
+        in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, extra_shardings),
         out_shardings=(param_shardings, opt_shardings, replicated),
         donate_argnums=(0, 1),
     )
 
 
-def make_eval_step(*, graphdef: nnx.GraphDef, loss_fn: LossFn, param_shardings, batch_sharding):
-    """A jitted `eval_step(params, batch) -> sums` (no gradient, fixed rng)."""
+def make_eval_step(
+    *,
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    param_shardings,
+    batch_sharding,
+    extra_shardings=None,
+):
+    """A jitted `eval_step(params, batch, extra) -> sums` (no gradient, fixed rng)."""
     key = jax.random.key(0)
 
-    def eval_step(params, batch):
-        _, sums = loss_fn(nnx.merge(graphdef, params), batch, key)
+    def eval_step(params, batch, extra):
+        _, sums = loss_fn(nnx.merge(graphdef, params), batch, key, extra)
         return sums
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, extra_shardings))
 
 
-def evaluate(eval_step, params, batches: Iterable[dict], *, put) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Iterable[dict], *, put, extra=None) -> dict[str, float]:
     """Token-weighted means of the eval sums over `batches`, plus perplexity."""
     total: dict[str, float] = {}
     for batch in batches:
-        sums = jax.device_get(eval_step(params, put(batch)))
+        sums = jax.device_get(eval_step(params, put(batch), extra))
         for k, v in sums.items():
             total[k] = total.get(k, 0.0) + float(v)
     tokens = max(total.pop("tokens", 0.0), 1.0)
     out = {f"eval_{k}": v / tokens for k, v in total.items()}
+    if "eval_kl_to_teacher" in out:  # the manifest's name for it
+        out["kl_to_teacher"] = out.pop("eval_kl_to_teacher")
     if "eval_loss" in out:
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
     out["eval_tokens"] = tokens
     return out
 
 
+def heldout_sums(model, batch: dict, *, teacher=None) -> dict[str, jax.Array]:
+    """Sums for held-out evaluation: next-token NLL, correct predictions, tokens, and with a
+    teacher model KL(teacher || model) over the full vocabulary."""
+    from train.losses import full_kl, next_token_ce
+
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logits = model(batch["inputs"], **kw)
+    _, m = next_token_ce(logits=logits, targets=batch["targets"], mask=batch["loss_mask"])
+    out = {"loss": m["nll_sum"], "accuracy": m["correct_sum"], "tokens": m["tokens"]}
+    if teacher is not None:
+        t_logits = jax.lax.stop_gradient(teacher(batch["inputs"], **kw))
+        _, k = full_kl(student_logits=logits, teacher_logits=t_logits, mask=batch["loss_mask"])
+        out["kl_to_teacher"] = k["kl_sum"]
+    return out
+
+
 def put_batch(batch: dict, sharding) -> dict:
-    """Host numpy batch -> global jax arrays on the mesh (each process supplies its rows)."""
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    """Host numpy batch -> global jax arrays on the mesh (each process supplies its rows).
+
+    `sharding` is for [batch, seq] arrays; lower-rank arrays (per-row ids) take the leading
+    part of its spec and higher-rank ones (teacher targets [batch, seq, k]) replicate the rest.
+    """
+    spec = tuple(sharding.spec)
+
+    def one(v):
+        v = np.asarray(v)
+        sh = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[: v.ndim]))
+        if jax.process_count() == 1:
+            return jax.device_put(v, sh)
+        return jax.make_array_from_process_local_data(sh, v)
+
+    return {k: one(v) for k, v in batch.items()}
 
 
 class StopFlag:

@@ -28,6 +28,7 @@ import jax
 
 from train.config import ConfigError, PipelineConfig, dump_yaml
 from train.loop import StopFlag
+from train.report import format_table, stage_table, write_report
 
 
 def now() -> str:
@@ -56,6 +57,7 @@ class StageResult:
     final_checkpoint: str | None = None
     params_sha256: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # other artifacts, e.g. a logit store
 
 
 class Manifest:
@@ -140,6 +142,20 @@ class StageContext:
             raise RuntimeError(f"stage {self.name!r} needs stage {stage!r}, which is not done")
         return entry
 
+    def trained_params(self, stage: str, *, mesh=None, dtype: str | None = None):
+        """(graphdef, params on the mesh, shardings) of a finished training stage's model,
+        e.g. a teacher; `dtype` overrides its param/compute dtype (a bf16 teacher)."""
+        from train.loop import abstract_params, load_params
+
+        model_cfg = self.pipeline.stage_model(stage)
+        if dtype is not None:
+            model_cfg = model_cfg.model_copy(update={"param_dtype": dtype, "compute_dtype": dtype})
+        graphdef, abstract, shardings = abstract_params(
+            model_cfg, mesh=mesh or self.mesh, rules=self.rules
+        )
+        params = load_params(self.artifact(stage)["final_checkpoint"], abstract=abstract)
+        return graphdef, params, shardings
+
     def progress(self, *, step: int) -> None:
         """Record how far the stage got (called at checkpoints)."""
         self.manifest.update(self.name, step=step)
@@ -208,37 +224,9 @@ def plan(cfg: PipelineConfig, manifest: Manifest) -> list[PlanItem]:
     return items
 
 
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    cells = lambda r: (str(c).ljust(w) for c, w in zip(r, widths, strict=True))
-    line = lambda r: "| " + " | ".join(cells(r)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *[line(r) for r in rows]])
-
-
 def describe_plan(items: list[PlanItem]) -> str:
-    return format_table(
-        [[i.stage, i.kind, i.action, i.detail] for i in items],
-        ["stage", "kind", "action", "detail"],
-    )
-
-
-def summary(cfg: PipelineConfig, manifest: Manifest) -> str:
-    rows = []
-    for name in cfg.order:
-        e = manifest.data["stages"].get(name, {})
-        m = e.get("metrics", {})
-        shown = ", ".join(
-            f"{k}={_fmt(v)}" for k, v in m.items() if k.startswith("eval_") or k in ("unigram_ppl",)
-        )
-        rows.append(
-            [name, cfg.stages[name].kind, e.get("status", "pending"), str(e.get("step", "")), shown]
-        )
-    return format_table(rows, ["stage", "kind", "status", "step", "metrics"])
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    rows = [[i.stage, i.kind, i.action, i.detail] for i in items]
+    return format_table(rows, ["stage", "kind", "action", "detail"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +292,40 @@ def run_pipeline(cfg: PipelineConfig, *, fresh: bool = False, log=print) -> int:
                 final_checkpoint=result.final_checkpoint,
                 params_sha256=result.params_sha256,
                 metrics=result.metrics,
+                outputs=result.outputs,
                 finished=now(),
             )
-    table = summary(cfg, manifest)
+    kinds = {n: st.kind for n, st in cfg.stages.items()}
     if is_main_process():
-        atomic_write(cfg.run_dir / "report.md", f"# Run {cfg.run.name}\n\n{table}\n")
-    log(table)
+        report = write_report(
+            run_dir=cfg.run_dir,
+            run_name=cfg.run.name,
+            order=cfg.order,
+            kinds=kinds,
+            manifest=manifest.data,
+            extra=comparisons(cfg, manifest.data),
+        )
+        atomic_write(cfg.run_dir / "report.md", report)
+    log(stage_table(cfg.order, kinds, manifest.data))
     return 0
+
+
+def comparisons(cfg: PipelineConfig, manifest: dict) -> str:
+    """Lines comparing stages that trained the same model on the same data (distilled vs
+    from scratch): the question the Gemma 2 ablation asks."""
+    lines = []
+    done = {n: e for n, e in manifest["stages"].items() if e.get("status") == "done"}
+    for a, sa in cfg.stages.items():
+        for b, sb in cfg.stages.items():
+            if (sa.kind, sb.kind) != ("distill", "pretrain") or a not in done or b not in done:
+                continue
+            if sa.model != sb.model or sa.data != sb.data or sa.steps != sb.steps:
+                continue
+            pa, pb = done[a]["metrics"].get("eval_ppl"), done[b]["metrics"].get("eval_ppl")
+            if pa and pb:
+                verdict = "lower" if pa < pb else "not lower"
+                lines.append(
+                    f"- distilled `{a}` eval ppl {pa:.3f} vs from-scratch `{b}` {pb:.3f} on the "
+                    f"same model, data and steps: {verdict} ({(pb - pa) / pb:+.1%})"
+                )
+    return "\n".join(lines)
