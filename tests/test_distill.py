@@ -208,3 +208,40 @@ def test_distill_config_checks(corpus, change, expect, capsys, tmp_path, monkeyp
     rc = launch.main([str(pipeline(corpus, "bad", **change))])
     err = capsys.readouterr().err
     assert rc == 2 and expect in err, err
+
+
+@pytest.mark.parametrize(
+    "loss", [{"kind": "full_kl", "alpha": 0.5, "temperature": 2.0}, {"kind": "sampled_ce"}]
+)
+def test_online_distillation_runs_the_teacher_in_the_step(corpus, loss):
+    data = {"corpus": {"text": str(corpus / "corpus.txt")}, "seq_len": 32, "batch_size": 8}
+    online = {
+        "kind": "distill",
+        "model": "student",
+        "teacher": "teacher",
+        "loss": loss,
+        "steps": 12,
+        "data": data,
+        "optim": {"warmup_steps": 2},
+        "eval": {"batches": 2},
+        "online_k": 32,
+    }
+    name = f"online-{loss['kind']}"
+    config = pipeline(
+        corpus,
+        name,
+        **{
+            "stages.logits": None,
+            "stages.student": None,
+            "stages.eval_student": None,
+            "stages.online": online,
+        },
+    )
+    rc, out = launch_process(config)
+    assert rc == 0, out
+    train = [
+        r
+        for r in read_metrics(corpus / "runs" / name / "online/metrics.jsonl")
+        if r["kind"] == "train"
+    ]
+    assert train[-1]["kl_to_teacher"] < train[0]["kl_to_teacher"]
