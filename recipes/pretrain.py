@@ -110,9 +110,7 @@ def run(cfg: Config, ctx) -> StageResult:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    batches = make_iterator(
-        train_dataset(seed=ctx.seed, max_rows=cfg.data.max_rows, **data_kw)
-    )
+    batches = make_iterator(train_dataset(seed=ctx.seed, max_rows=cfg.data.max_rows, **data_kw))
     eval_set = eval_dataset(**data_kw)
     eval_batches = [eval_set[i] for i in range(min(len(eval_set), cfg.eval.batches))]
     run_eval = lambda p: evaluate(eval_step, p, eval_batches, put=put)

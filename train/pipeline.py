@@ -310,6 +310,16 @@ def run_pipeline(cfg: PipelineConfig, *, fresh: bool = False, log=print) -> int:
     return 0
 
 
+def best_eval_ppl(stage_dir: Path) -> tuple[int, float]:
+    """(step, ppl) of the lowest held-out perplexity a stage logged: a baseline that overfits
+    is then compared at its best too, not only at its end."""
+    from train.metrics import read_metrics
+
+    evals = [r for r in read_metrics(stage_dir / "metrics.jsonl") if "eval_ppl" in r]
+    best = min(evals, key=lambda r: r["eval_ppl"])
+    return best["step"], best["eval_ppl"]
+
+
 def comparisons(cfg: PipelineConfig, manifest: dict) -> str:
     """Lines comparing stages that trained the same model on the same data (distilled vs
     from scratch): the question the Gemma 2 ablation asks."""
@@ -324,8 +334,10 @@ def comparisons(cfg: PipelineConfig, manifest: dict) -> str:
             pa, pb = done[a]["metrics"].get("eval_ppl"), done[b]["metrics"].get("eval_ppl")
             if pa and pb:
                 verdict = "lower" if pa < pb else "not lower"
+                (sa, ba), (sb, bb) = best_eval_ppl(cfg.run_dir / a), best_eval_ppl(cfg.run_dir / b)
                 lines.append(
                     f"- distilled `{a}` eval ppl {pa:.3f} vs from-scratch `{b}` {pb:.3f} on the "
-                    f"same model, data and steps: {verdict} ({(pb - pa) / pb:+.1%})"
+                    f"same model, data and steps: {verdict} ({(pb - pa) / pb:+.1%}); best "
+                    f"during training: {ba:.3f} (step {sa}) vs {bb:.3f} (step {sb})"
                 )
     return "\n".join(lines)
