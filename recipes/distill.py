@@ -188,11 +188,6 @@ def run(cfg: Config, ctx) -> StageResult:
     )
     t_stage = teacher_stage(cfg, ctx)
     t_graphdef, t_params, t_shardings = ctx.trained_params(t_stage, dtype=cfg.teacher_dtype)
-    if ctx.pipeline.stage_model(t_stage).vocab_size != model_cfg.vocab_size:
-        raise ValueError(
-            f"stages.{ctx.name}: the student's vocab_size {model_cfg.vocab_size} differs from the "
-            f"teacher's ({ctx.pipeline.stage_model(t_stage).vocab_size})"
-        )
     store = None
     if cfg.logits:
         store = logit_store.LogitStoreReader(ctx.artifact(cfg.logits)["outputs"]["logits"])
