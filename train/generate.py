@@ -17,39 +17,24 @@ from flax import nnx
 
 
 def load_run_stage(run_dir: Path, stage: str):
-    """(model, tokenizer) of a finished stage: its final checkpoint and the run's tokenizer."""
+    """(model, tokenizer) of a finished stage: its final checkpoint and the run's tokenizer,
+    loaded the way a downstream stage would (`StageContext.trained_params` / `.tokenizer`)."""
     import yaml
 
-    from data.tokenizer import load_tokenizer
     from train.config import parse_config
-    from train.loop import abstract_params, load_params
-    from train.mesh import MeshConfig, make_mesh
-    from train.pipeline import Manifest
+    from train.pipeline import Manifest, StageContext
 
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     raw["mesh"] = {"data": -1}
+    raw["run"].update(dir=str(run_dir.parent), name=run_dir.name)
     cfg = parse_config(raw, source=str(run_dir / "config.yaml"))
-    entry = Manifest(run_dir / "manifest.json").stage(stage)
-    if entry.get("status") != "done":
-        done = [
-            n
-            for n, e in Manifest(run_dir / "manifest.json").data["stages"].items()
-            if e.get("status") == "done"
-        ]
+    manifest = Manifest(run_dir / "manifest.json")
+    if manifest.stage(stage).get("status") != "done":
+        done = [n for n, e in manifest.data["stages"].items() if e.get("status") == "done"]
         raise SystemExit(f"error: stage {stage!r} of {run_dir} is not done; done: {done}")
-    model_cfg = cfg.models[cfg.stages[stage].model]
-    mesh = make_mesh(MeshConfig())
-    graphdef, abstract, _ = abstract_params(model_cfg, mesh=mesh, rules=cfg.mesh.logical_rules())
-    params = load_params(entry["final_checkpoint"], abstract=abstract)
-    t = cfg.tokenizer
-    tokenizer = load_tokenizer(
-        kind=t.kind,
-        vocab_size=t.vocab_size,
-        train_on=t.train_on,
-        path=t.path,
-        cache_dir=str(run_dir / "tokenizer"),
-    )
-    return nnx.merge(graphdef, params), tokenizer
+    ctx = StageContext(pipeline=cfg, name=stage, manifest=manifest, stop=None)
+    graphdef, params, _ = ctx.trained_params(stage)
+    return nnx.merge(graphdef, params), ctx.tokenizer()
 
 
 def main(argv: list[str] | None = None) -> int:

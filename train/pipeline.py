@@ -92,7 +92,9 @@ class StageContext:
 
     @property
     def run_dir(self) -> Path:
-        return self.pipeline.run_dir
+        """Absolute, so that the paths a stage records (final_checkpoint, outputs) still
+        resolve when a later command runs from another directory."""
+        return self.pipeline.run_dir.absolute()
 
     @property
     def stage_dir(self) -> Path:
