@@ -24,27 +24,25 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import numpy as np
 from flax import nnx
 from pydantic import model_validator
 
 from data import logit_store
 from data.pipeline import eval_dataset, make_iterator, train_dataset
-from train.checkpoint import Checkpointer, params_sha256
 from train.config import DistillLossConfig, TrainStageConfig
 from train.loop import (
     evaluate,
+    finish,
     heldout_sums,
+    init_optimizer,
     init_params,
     make_eval_step,
     make_train_step,
     put_batch,
+    train_loop,
 )
 from train.losses import distill_loss
-from train.mesh import batch_sharding, like_params_shardings
-from train.metrics import Throughput, check_finite
-from train.optim import build_optimizer, learning_rate_schedule
-from train.pipeline import StageResult
+from train.mesh import batch_sharding
 
 # which stored targets each loss can use
 LOSS_FOR_METHOD = {
@@ -173,7 +171,7 @@ def make_loss(cfg: Config, *, teacher_graphdef):
     return loss_fn
 
 
-def run(cfg: Config, ctx) -> StageResult:
+def run(cfg: Config, ctx):
     # ---- setup: student, optimizer, teacher or store, data, resume
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()
@@ -197,12 +195,9 @@ def run(cfg: Config, ctx) -> StageResult:
             seq_len=cfg.data.seq_len,
             params_sha256=ctx.artifact(t_stage)["params_sha256"],
         )
-    tx = build_optimizer(cfg.optim, total_steps=cfg.steps)
-    lr_at = learning_rate_schedule(cfg.optim, total_steps=cfg.steps)
-    opt_shardings = like_params_shardings(
-        jax.eval_shape(tx.init, params), params=params, shardings=shardings
+    tx, opt_state, opt_shardings, lr_at = init_optimizer(
+        optim=cfg.optim, total_steps=cfg.steps, params=params, shardings=shardings
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     on_batch = batch_sharding(mesh)
     put = lambda b: put_batch(b, on_batch)
     online = store is None
@@ -246,7 +241,6 @@ def run(cfg: Config, ctx) -> StageResult:
     )
     eval_set = eval_dataset(**data_kw)
     eval_batches = [eval_set[i] for i in range(min(len(eval_set), cfg.eval.batches))]
-    run_eval = lambda p: evaluate(eval_step, p, eval_batches, put=put, extra=t_params)
 
     def next_batch() -> dict:
         batch = next(batches)
@@ -256,74 +250,28 @@ def run(cfg: Config, ctx) -> StageResult:
             batch.update({k: targets[k] for k in ("ids", "valid", "teacher_logprobs", "counts")})
         return put(batch)
 
-    ckpt = Checkpointer(
-        directory=ctx.stage_dir / "checkpoints",
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        {"params": params, "opt_state": opt_state},
-    )
-    start = 0
-    restored = ckpt.restore_latest(abstract_state=abstract)
-    if restored is not None:
-        params, opt_state = restored.state["params"], restored.state["opt_state"]
-        batches.set_state(restored.meta["data"])
-        start = restored.step
-    logger = ctx.logger(total_steps=cfg.steps, start_step=start)
-    log_every = ctx.pipeline.logging.every
-    throughput = Throughput()
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-
-    def save(step: int) -> None:
-        meta = {"step": step, "data": batches.get_state(), "config_hash": ctx.config_hash}
-        with throughput.paused():
-            ckpt.save(step, state={"params": params, "opt_state": opt_state}, meta=meta)
-        ctx.progress(step=step)
-
-    # ---- loop
-    pending = []
-    for step in range(start + 1, cfg.steps + 1):
+    def step_fn(state, step):
         params, opt_state, metrics = train_step(
-            params, opt_state, next_batch(), step - 1, t_params if online else None
+            state["params"],
+            state["opt_state"],
+            next_batch(),
+            step - 1,
+            t_params if online else None,
         )
-        pending.append((step, metrics))
-        throughput.tick(tokens=tokens_per_step)
-        if step % log_every == 0 or step == cfg.steps or ctx.stop.requested:
-            host = [(s, jax.device_get(m)) for s, m in pending]
-            pending.clear()
-            for s, m in host:  # raises under nan_policy "stop"; warns under "skip"
-                if m["nonfinite"]:
-                    check_finite(s, m, policy=cfg.nan_policy)
-            loss, kl = (float(np.mean([m[k] for _, m in host])) for k in ("loss", "kl_to_teacher"))
-            logger.log(step, {
-                "loss": loss, "kl_to_teacher": kl,
-                "grad_norm": float(host[-1][1]["grad_norm"]), "lr": float(lr_at(step - 1)),
-                "skipped": int(sum(m["nonfinite"] for _, m in host)), **throughput.rates(),
-            })  # fmt: skip
-        else:
-            logger.advance(step)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-            with throughput.paused():
-                logger.log(step, run_eval(params), kind="eval")
-        if step % cfg.checkpoint.every == 0 or step == cfg.steps or ctx.stop.requested:
-            save(step)
-        if ctx.stop.requested and step < cfg.steps:
-            ckpt.close()
-            logger.close()
-            return StageResult(status="interrupted", step=step)
-    ckpt.wait()
+        return {"params": params, "opt_state": opt_state}, metrics
 
-    # ---- end
-    final = run_eval(params)
-    logger.log(cfg.steps, final, kind="eval")
-    logger.close()
-    ckpt.close()
-    return StageResult(
-        status="done",
-        step=cfg.steps,
-        final_checkpoint=str(ctx.stage_dir / "checkpoints" / str(cfg.steps)),
-        params_sha256=params_sha256(params),
-        metrics=final,
+    # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
+    out = train_loop(
+        ctx=ctx,
+        cfg=cfg,
+        state={"params": params, "opt_state": opt_state},
+        step_fn=step_fn,
+        data=batches,
+        run_eval=lambda s: evaluate(eval_step, s["params"], eval_batches, put=put, extra=t_params),
+        lr_at=lr_at,
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
     )
+    if out is None:
+        return ctx.interrupted()
+    state, final = out
+    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

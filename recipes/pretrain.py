@@ -24,14 +24,19 @@ import numpy as np
 
 from data.corpus import load_documents
 from data.pipeline import eval_dataset, make_iterator, tokenize_documents, train_dataset
-from train.checkpoint import Checkpointer, params_sha256
 from train.config import TrainStageConfig
-from train.loop import evaluate, init_params, make_eval_step, make_train_step, put_batch
+from train.loop import (
+    evaluate,
+    finish,
+    init_optimizer,
+    init_params,
+    make_eval_step,
+    make_train_step,
+    put_batch,
+    train_loop,
+)
 from train.losses import next_token_ce
-from train.mesh import batch_sharding, like_params_shardings
-from train.metrics import Throughput, check_finite
-from train.optim import build_optimizer, learning_rate_schedule
-from train.pipeline import StageResult
+from train.mesh import batch_sharding
 
 
 class Config(TrainStageConfig):
@@ -59,7 +64,7 @@ def unigram_ppl(*, cfg: Config, tokenizer, cache_dir, eval_batches) -> float:
     return math.exp(nll / max(n, 1.0))
 
 
-def run(cfg: Config, ctx) -> StageResult:
+def run(cfg: Config, ctx):
     # ---- setup
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()
@@ -77,12 +82,9 @@ def run(cfg: Config, ctx) -> StageResult:
         seed=ctx.seed,
         artifact=ctx.artifact,
     )
-    tx = build_optimizer(cfg.optim, total_steps=cfg.steps)
-    lr_at = learning_rate_schedule(cfg.optim, total_steps=cfg.steps)
-    opt_shardings = like_params_shardings(
-        jax.eval_shape(tx.init, params), params=params, shardings=shardings
+    tx, opt_state, opt_shardings, lr_at = init_optimizer(
+        optim=cfg.optim, total_steps=cfg.steps, params=params, shardings=shardings
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     batches_on = batch_sharding(mesh)
     put = lambda b: put_batch(b, batches_on)
     train_step = make_train_step(
@@ -113,85 +115,30 @@ def run(cfg: Config, ctx) -> StageResult:
     batches = make_iterator(train_dataset(seed=ctx.seed, max_rows=cfg.data.max_rows, **data_kw))
     eval_set = eval_dataset(**data_kw)
     eval_batches = [eval_set[i] for i in range(min(len(eval_set), cfg.eval.batches))]
-    run_eval = lambda p: evaluate(eval_step, p, eval_batches, put=put)
 
-    ckpt = Checkpointer(
-        directory=ctx.stage_dir / "checkpoints",
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        {"params": params, "opt_state": opt_state},
-    )
-    start = 0
-    restored = ckpt.restore_latest(abstract_state=abstract)
-    if restored is not None:
-        params, opt_state = restored.state["params"], restored.state["opt_state"]
-        batches.set_state(restored.meta["data"])
-        start = restored.step
-    logger = ctx.logger(total_steps=cfg.steps, start_step=start)
-    log_every = ctx.pipeline.logging.every
-    throughput = Throughput()
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-
-    def save(step: int) -> None:
-        meta = {"step": step, "data": batches.get_state(), "config_hash": ctx.config_hash}
-        with throughput.paused():
-            ckpt.save(step, state={"params": params, "opt_state": opt_state}, meta=meta)
-        ctx.progress(step=step)
-
-    # ---- loop
-    pending = []  # per-step metrics still on device: read at log time, no per-step host sync
-    step = start
-    for step in range(start + 1, cfg.steps + 1):
+    def step_fn(state, step):
         params, opt_state, metrics = train_step(
-            params, opt_state, put(next(batches)), step - 1, None
+            state["params"], state["opt_state"], put(next(batches)), step - 1, None
         )
-        pending.append((step, metrics))
-        throughput.tick(tokens=tokens_per_step)
-        if step % log_every == 0 or step == cfg.steps or ctx.stop.requested:
-            host = [(s, jax.device_get(m)) for s, m in pending]
-            pending.clear()
-            for s, m in host:  # raises under nan_policy "stop"; warns under "skip"
-                if m["nonfinite"]:
-                    check_finite(s, m, policy=cfg.nan_policy)
-            logger.log(
-                step,
-                {
-                    "loss": float(np.mean([m["loss"] for _, m in host])),
-                    "accuracy": float(np.mean([m["accuracy"] for _, m in host])),
-                    "grad_norm": float(host[-1][1]["grad_norm"]),
-                    "lr": float(lr_at(step - 1)),
-                    "skipped": int(sum(m["nonfinite"] for _, m in host)),
-                    **throughput.rates(),
-                },
-            )
-        else:
-            logger.advance(step)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-            with throughput.paused():
-                logger.log(step, run_eval(params), kind="eval")
-        if step % cfg.checkpoint.every == 0 or step == cfg.steps or ctx.stop.requested:
-            save(step)
-        if ctx.stop.requested and step < cfg.steps:
-            ckpt.close()
-            logger.close()
-            return StageResult(status="interrupted", step=step)
-    ckpt.wait()
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
+    out = train_loop(
+        ctx=ctx,
+        cfg=cfg,
+        state={"params": params, "opt_state": opt_state},
+        step_fn=step_fn,
+        data=batches,
+        run_eval=lambda state: evaluate(eval_step, state["params"], eval_batches, put=put),
+        lr_at=lr_at,
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+    )
+    if out is None:
+        return ctx.interrupted()
 
     # ---- end
-    final = run_eval(params)
+    state, final = out
     final["unigram_ppl"] = unigram_ppl(
         cfg=cfg, tokenizer=tokenizer, cache_dir=cache_dir, eval_batches=eval_batches
     )
-    logger.log(cfg.steps, final, kind="eval")
-    logger.close()
-    ckpt.close()
-    return StageResult(
-        status="done",
-        step=cfg.steps,
-        final_checkpoint=str(ctx.stage_dir / "checkpoints" / str(cfg.steps)),
-        params_sha256=params_sha256(params),
-        metrics=final,
-    )
+    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

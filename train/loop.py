@@ -273,3 +273,141 @@ def init_params(*, model_cfg, init, mesh, rules, seed: int, artifact=None):
         lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)), mesh=mesh, rules=rules
     )
     return graphdef, nnx.state(model, nnx.Param).to_pure_dict(), shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop every training stage runs: step, log, eval, checkpoint, stop on SIGTERM, resume
+
+
+def init_optimizer(*, optim, total_steps: int, params, shardings):
+    """(tx, opt_state on the mesh, opt_shardings, lr_at) for a stage's `optim:` section."""
+    from train.mesh import like_params_shardings
+    from train.optim import build_optimizer, learning_rate_schedule
+
+    tx = build_optimizer(optim, total_steps=total_steps)
+    opt_shardings = like_params_shardings(
+        jax.eval_shape(tx.init, params), params=params, shardings=shardings
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return tx, opt_state, opt_shardings, learning_rate_schedule(optim, total_steps=total_steps)
+
+
+def summarize(host: list[tuple[int, dict]]) -> dict[str, float]:
+    """Metrics of the steps since the last log: means, except the last grad_norm and the number
+    of skipped (non-finite) updates."""
+    out = {}
+    for k in host[-1][1]:
+        vals = [float(np.mean(m[k])) for _, m in host if k in m]
+        if k == "nonfinite":
+            out["skipped"] = int(sum(vals))
+        elif k == "grad_norm":
+            out[k] = vals[-1]
+        elif k != "tokens":
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def train_loop(
+    *,
+    ctx,
+    cfg,
+    state: dict,
+    step_fn: Callable[[dict, int], tuple[dict, dict]],
+    data=None,
+    run_eval: Callable[[dict], dict] | None = None,
+    lr_at: Callable[[int], Any] | None = None,
+    tokens_per_step: int = 0,
+    on_log: Callable[[int, dict, Any], None] | None = None,
+) -> tuple[dict, dict] | None:
+    """Run steps `start+1 .. cfg.steps` of a training stage; returns (state, final eval) or None
+    when SIGTERM stopped it (after saving a checkpoint).
+
+    `state` is everything that changes during training (params, optimizer state, an EMA
+    anchor, ...): it is what a checkpoint holds, and a restored one replaces it, so a killed
+    stage continues exactly. `data` is the data iterator (anything with get_state/set_state),
+    saved in the checkpoint's metadata. `step_fn(state, step)` does step `step` (1-based; any
+    randomness is folded in from the step, so it resumes exactly too) and returns the new state
+    and its metrics, left on device until log time so that the loop never waits for a step.
+    `run_eval(state)` gives held-out metrics; `on_log(step, state, logger)` adds stage-specific
+    records (sample tables) at log steps.
+    """
+    from train.checkpoint import Checkpointer
+    from train.metrics import Throughput, check_finite
+
+    ckpt = Checkpointer(
+        directory=ctx.stage_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        state,
+    )
+    start = 0
+    restored = ckpt.restore_latest(abstract_state=abstract)
+    if restored is not None:
+        state, start = restored.state, restored.step
+        if data is not None:
+            data.set_state(restored.meta["data"])
+    logger = ctx.logger(total_steps=cfg.steps, start_step=start)
+    log_every = ctx.pipeline.logging.every
+    throughput = Throughput()
+
+    def save(step: int) -> None:
+        meta = {"step": step, "config_hash": ctx.config_hash}
+        if data is not None:
+            meta["data"] = data.get_state()
+        with throughput.paused():
+            ckpt.save(step, state=state, meta=meta)
+        ctx.progress(step=step)
+
+    pending = []  # per-step metrics still on device: read at log time, no per-step host sync
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            state, metrics = step_fn(state, step)
+            pending.append((step, metrics))
+            throughput.tick(tokens=tokens_per_step)
+            if step % log_every == 0 or step == cfg.steps or ctx.stop.requested:
+                host = [(s, jax.device_get(m)) for s, m in pending]
+                pending.clear()
+                for s, m in host:  # raises under nan_policy "stop"; warns under "skip"
+                    if m.get("nonfinite"):
+                        check_finite(s, m, policy=cfg.nan_policy)
+                record = summarize(host)
+                if lr_at is not None:
+                    record["lr"] = float(lr_at(step - 1))
+                logger.log(step, {**record, **throughput.rates()})
+                if on_log is not None:
+                    with throughput.paused():
+                        on_log(step, state, logger)
+            else:
+                logger.advance(step)
+            if run_eval and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                with throughput.paused():
+                    logger.log(step, run_eval(state), kind="eval")
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or ctx.stop.requested:
+                save(step)
+            if ctx.stop.requested and step < cfg.steps:
+                return None
+        ckpt.wait()
+        final = run_eval(state) if run_eval else {}
+        if final:
+            logger.log(cfg.steps, final, kind="eval")
+        return state, final
+    finally:
+        ckpt.close()
+        logger.close()
+
+
+def finish(*, ctx, cfg, params, metrics: dict):
+    """The StageResult of a finished training stage: final checkpoint, fingerprint, metrics."""
+    from train.checkpoint import params_sha256
+    from train.pipeline import StageResult
+
+    return StageResult(
+        status="done",
+        step=cfg.steps,
+        final_checkpoint=str(ctx.stage_dir / "checkpoints" / str(cfg.steps)),
+        params_sha256=params_sha256(params),
+        metrics=metrics,
+    )

@@ -158,6 +158,10 @@ class StageContext:
         params = load_params(self.artifact(stage)["final_checkpoint"], abstract=abstract)
         return graphdef, params, shardings
 
+    def interrupted(self) -> StageResult:
+        """The result of a stage that SIGTERM stopped, at its last saved step."""
+        return StageResult(status="interrupted", step=self.manifest.stage(self.name).get("step", 0))
+
     def progress(self, *, step: int) -> None:
         """Record how far the stage got (called at checkpoints)."""
         self.manifest.update(self.name, step=step)
