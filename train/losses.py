@@ -34,6 +34,16 @@ expression of the logits and per-position statistics saved by the forward pass, 
 logits' gradient (the one [batch, seq, vocab] tensor a step must hold) and saving no forward
 intermediates. Leave `vocab_chunk=None` when the vocabulary axis is sharded over devices: the
 reductions are then local plus one all-reduce, while slicing a sharded axis would gather it.
+
+Post-training (design: recipes.md, "Post-training"). `token_logprobs` gives a policy's float32
+log-probabilities of sampled tokens [batch, seq]; `group_advantages` turns rewards [prompts, group]
+into advantages (GRPO, RLOO or REINFORCE baselines); `policy_gradient_loss` is the PPO / GRPO
+clipped surrogate with a k1 or k3 KL penalty to a reference, normalised per token; `jbond_loss`
+distils the Best-of-n distribution of an anchor policy with the Jeffreys divergence (J-BOND), with
+`bond_log_cdf` estimating the anchor's reward quantiles on the host; `bradley_terry_loss` trains a
+reward model on preference pairs (its `tokens` counts pairs). Sequence-level quantities
+(advantages, log-CDFs, pair scores) are constants of the loss: only the policy's log-probabilities
+(or the reward model's scores) are differentiated.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Stands in for log(0) where a -inf would put 0 * inf = NaN in a gradient; exp of it is exactly 0.
 _NEG = -1e30
@@ -507,3 +518,246 @@ def distill_loss(
     loss = loss_sum / denom
     metrics.update(loss=loss, loss_sum=loss_sum)
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-training: policy gradients, BOND, reward models
+
+
+def token_logprobs(
+    *, logits: jax.Array, targets: jax.Array, vocab_chunk: int | None = None
+) -> jax.Array:
+    """float32 [batch, seq]: log_softmax(logits)[targets], logits [batch, seq, vocab].
+
+    The target logit minus the (optionally vocabulary-chunked) logsumexp, with the hand-written
+    backward of `_logprobs_at`: no one-hot and no [batch, seq, vocab] log_softmax is kept.
+    """
+    _check_common(1.0, vocab_chunk)
+    ids = targets.astype(jnp.int32)[..., None]
+    return _logprobs_at(logits, ids, 1.0, vocab_chunk)[..., 0]
+
+
+GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce")
+
+
+def group_advantages(
+    *,
+    rewards: jax.Array,
+    method: str,
+    baseline: float | jax.Array | None = None,
+    std_normalize: bool = True,
+    eps: float = 1e-6,
+) -> jax.Array:
+    """float32 [prompts, group]: advantages of rewards [prompts, group], G samples per prompt.
+
+    Subtracting a baseline that does not depend on the sample leaves the policy gradient's
+    expectation unchanged and reduces its variance; the methods differ in the baseline.
+    - "grpo" (Shao et al. 2024): (r - group mean) / (group std + eps), std with ddof=0. The
+      per-prompt mean removes how easy the prompt is; the division makes the update invariant to
+      the reward's scale (and gives each prompt's group the same weight). A group whose rewards
+      are all equal gets advantage 0 (no signal, no NaN). std_normalize=False keeps r - mean
+      (Dr. GRPO), avoiding the std's bias towards prompts that are nearly always right or wrong.
+    - "rloo" (Ahmadian et al. 2024): r_i - mean of the other G - 1 rewards in the group,
+      = G / (G - 1) (r_i - mean). The baseline is independent of sample i, so the estimate is
+      unbiased (a group mean that includes r_i shrinks it by (G - 1) / G). Needs G >= 2.
+    - "reinforce": r - baseline, a scalar such as a running mean of rewards kept by the stage;
+      None uses the mean over the whole batch (all prompts and samples).
+    """
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [prompts, group], got shape {rewards.shape}")
+    r = rewards.astype(jnp.float32)
+    group = r.shape[1]
+    if method == "grpo":
+        centred = r - r.mean(axis=1, keepdims=True)
+        if not std_normalize:
+            return centred
+        return centred / (r.std(axis=1, keepdims=True) + eps)
+    if method == "rloo":
+        if group < 2:
+            raise ValueError(f"rloo needs at least 2 samples per prompt, got {group}")
+        return (group / (group - 1)) * (r - r.mean(axis=1, keepdims=True))
+    if method == "reinforce":
+        b = r.mean() if baseline is None else jnp.asarray(baseline, jnp.float32)
+        return r - b
+    raise ValueError(f"method must be one of {GROUP_ADVANTAGES}, got {method!r}")
+
+
+def policy_gradient_loss(
+    *,
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    ref_logprobs: jax.Array | None = None,
+    clip_eps: float | None = 0.2,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO / GRPO clipped surrogate with an optional KL penalty to a reference policy.
+
+    Inputs: logprobs [batch, seq], the policy's log-probabilities of the sampled tokens (from
+    `token_logprobs`, differentiated); old_logprobs [batch, seq], those of the policy that sampled
+    them; advantages [batch], one per sequence, broadcast over its tokens; mask [batch, seq], 1 on
+    the completion's tokens; ref_logprobs [batch, seq] or None. old_logprobs, advantages and
+    ref_logprobs are constants (stop_gradient).
+
+    Per token, with ratio = exp(logprobs - old_logprobs) and A the sequence's advantage,
+        pg = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)   (clip_eps=None: pg = -ratio A).
+    On the first update after sampling (on-policy) ratio == 1 and the gradient is REINFORCE's,
+    -A grad logprob; the clip only matters on later updates of the same batch, where it stops
+    pushing a token's probability further once the ratio left [1 - eps, 1 + eps] in the
+    direction A favours. `clip_frac_sum` counts those tokens (where the clip zeroes the gradient).
+
+    KL to the reference, per token, with d = ref - logprobs: "k1" = -d (unbiased but can be
+    negative per token); "k3" = exp(d) - d - 1 (Schulman 2020: unbiased for KL(pi || ref) on
+    samples of pi, and never negative, so much less noisy). It adds kl_coef * kl; with
+    ref_logprobs None the term and `kl_sum` are 0.
+
+    loss = sum over masked tokens of (pg + kl_coef kl) / number of masked tokens: token-level
+    normalisation (DAPO, Dr. GRPO), so a long completion is not down-weighted per token.
+    Metrics: loss, loss_sum, tokens, pg_sum, kl_sum, clip_frac_sum, ratio_sum (masked sums).
+    """
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+    if kl_estimator not in ("k1", "k3"):
+        raise ValueError(f'kl_estimator must be "k1" or "k3", got {kl_estimator!r}')
+    on = mask.astype(jnp.float32) > 0
+    tokens = on.sum().astype(jnp.float32)
+    lp = logprobs.astype(jnp.float32)
+    old = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))[:, None]
+    # Padding is zeroed before exp, so garbage there cannot put inf * 0 = NaN into a gradient.
+    ratio = jnp.exp(jnp.where(on, lp - old, 0.0))
+    if clip_eps is None:
+        pg = -ratio * adv
+        clipped = jnp.zeros_like(on)
+    else:
+        pg = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
+        clipped = ((adv > 0) & (ratio > 1.0 + clip_eps)) | ((adv < 0) & (ratio < 1.0 - clip_eps))
+    if ref_logprobs is None:
+        kl = jnp.zeros_like(lp)
+    else:
+        ref = jax.lax.stop_gradient(ref_logprobs.astype(jnp.float32))
+        d = jnp.where(on, ref - lp, 0.0)
+        kl = -d if kl_estimator == "k1" else jnp.expm1(d) - d
+    pg_sum = jnp.where(on, pg, 0.0).sum()
+    kl_sum = jnp.where(on, kl, 0.0).sum()
+    loss_sum = pg_sum + kl_coef * kl_sum
+    loss = loss_sum / jnp.maximum(tokens, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "tokens": tokens,
+        "pg_sum": pg_sum,
+        "kl_sum": kl_sum,
+        "clip_frac_sum": (clipped & on).sum().astype(jnp.float32),
+        "ratio_sum": jnp.where(on, ratio, 0.0).sum(),
+    }
+
+
+def bond_log_cdf(*, sample_rewards: np.ndarray, anchor_rewards: np.ndarray) -> np.ndarray:
+    """float64 [batch]: log F(r(y)), the anchor's reward CDF at each policy sample's reward.
+
+    Host-side numpy. sample_rewards [batch], the rewards of the policy's samples y;
+    anchor_rewards [batch, M], rewards of M anchor samples for the same prompt. The estimate is
+    the mid-rank of r(y) among the M anchor rewards plus r(y) itself,
+        F = (#{anchor < r(y)} + 0.5 #{anchor == r(y)} + 0.5) / (M + 1),
+    ties counted half (F of a discrete reward is taken halfway through its step). Counting y as
+    one more draw keeps F within [0.5 / (M + 1), (M + 0.5) / (M + 1)]: never log 0, which would
+    make the BoN log-likelihood -inf for a sample worse than every anchor draw.
+    """
+    r = np.asarray(sample_rewards, np.float64)[:, None]
+    a = np.asarray(anchor_rewards, np.float64)
+    if a.ndim != 2 or a.shape[0] != r.shape[0]:
+        raise ValueError(f"anchor_rewards must be [{r.shape[0]}, M], got {a.shape}")
+    less = (a < r).sum(axis=1)
+    equal = (a == r).sum(axis=1)
+    return np.log((less + 0.5 * equal + 0.5) / (a.shape[1] + 1))
+
+
+def jbond_loss(
+    *,
+    best_logprobs: jax.Array,
+    best_mask: jax.Array,
+    sample_logprobs: jax.Array,
+    sample_anchor_logprobs: jax.Array,
+    sample_mask: jax.Array,
+    sample_log_cdf: jax.Array,
+    n: int,
+    beta: float = 0.5,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """J-BOND (Sessa et al. 2024, arXiv:2407.14622): distil the anchor's Best-of-n distribution.
+
+    Minimises the Jeffreys divergence beta KL(BoN || pi) + (1 - beta) KL(pi || BoN) between the
+    policy pi and the Best-of-n distribution of an anchor policy (an EMA of pi in J-BOND).
+    Inputs: best_logprobs, best_mask [batch, seq]: pi's log-probabilities of the anchor's
+    best-of-n sample (differentiated); sample_logprobs, sample_mask [batch, seq]: pi's
+    log-probabilities of its own samples y (differentiated); sample_anchor_logprobs [batch, seq]:
+    the anchor's on the same tokens; sample_log_cdf [batch]: log F(r(y)), the anchor's reward CDF
+    at y's reward (`bond_log_cdf`).
+
+    Forward term (mode covering): the NLL of the best-of-n sample, -sum_t best_logprobs.
+    Backward term (mode seeking), REINFORCE on pi's samples: with
+    log p_BoN(y) ≈ log p_anchor(y) + log n + (n - 1) log F(r(y)), the per-sequence cost is
+        c(y) = sum_t (sample_logprobs - sample_anchor_logprobs) - (n - 1) sample_log_cdf
+    (= log pi(y) - log p_BoN(y) up to the constant log n), and the surrogate
+        stop_gradient(c - mean c) * sum_t sample_logprobs
+    has the score-function gradient of KL(pi || BoN), with the batch mean of c as baseline. The
+    mean runs over rows with at least one sample token; as it includes y itself, the gradient's
+    expectation is scaled by (B - 1) / B, a step size, not a direction. The surrogate's value is
+    not the KL; `kl_anchor_sum` (sum over tokens of log pi - log anchor) is the KL to watch.
+
+    loss_sum = beta fwd_sum + (1 - beta) bwd_sum, tokens = best and sample tokens together.
+    Metrics: loss, loss_sum, tokens, fwd_sum, bwd_sum, kl_anchor_sum.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    best_on = best_mask.astype(jnp.float32) > 0
+    on = sample_mask.astype(jnp.float32) > 0
+    fwd_sum = -jnp.where(best_on, best_logprobs.astype(jnp.float32), 0.0).sum()
+    lp = jnp.where(on, sample_logprobs.astype(jnp.float32), 0.0)
+    anchor = jnp.where(on, sample_anchor_logprobs.astype(jnp.float32), 0.0)
+    log_ratio = jax.lax.stop_gradient(lp - anchor).sum(-1)
+    cost = log_ratio - (n - 1) * sample_log_cdf.astype(jnp.float32)
+    rows = on.any(-1)
+    mean_cost = jnp.where(rows, cost, 0.0).sum() / jnp.maximum(rows.sum(), 1)
+    centred = jax.lax.stop_gradient(jnp.where(rows, cost - mean_cost, 0.0))
+    bwd_sum = (centred * lp.sum(-1)).sum()
+    loss_sum = beta * fwd_sum + (1.0 - beta) * bwd_sum
+    tokens = (best_on.sum() + on.sum()).astype(jnp.float32)
+    loss = loss_sum / jnp.maximum(tokens, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "tokens": tokens,
+        "fwd_sum": fwd_sum,
+        "bwd_sum": bwd_sum,
+        "kl_anchor_sum": log_ratio.sum(),
+    }
+
+
+def bradley_terry_loss(
+    *, chosen: jax.Array, rejected: jax.Array, margin: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Reward-model loss on preference pairs: mean of -log sigmoid(chosen - rejected - margin).
+
+    chosen, rejected [pairs]: the reward model's scalar scores; margin [pairs] or None, how much
+    the chosen response should win by (Llama 2's graded preferences). Written as
+    softplus(-(x)), which is stable for any x. `tokens` is the number of pairs; metrics:
+    loss, loss_sum, tokens, accuracy_sum (pairs with chosen > rejected), margin_sum
+    (sum of chosen - rejected).
+    """
+    diff = chosen.astype(jnp.float32) - rejected.astype(jnp.float32)
+    target = diff if margin is None else diff - margin.astype(jnp.float32)
+    loss_sum = jax.nn.softplus(-target).sum()
+    pairs = jnp.asarray(diff.size, jnp.float32)
+    loss = loss_sum / jnp.maximum(pairs, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "tokens": pairs,
+        "accuracy_sum": (diff > 0).sum().astype(jnp.float32),
+        "margin_sum": diff.sum(),
+    }
