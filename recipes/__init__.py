@@ -8,6 +8,7 @@ STAGE_KINDS = {
     "sample_logits": "recipes.sample_logits",
     "distill": "recipes.distill",
     "evaluate": "recipes.evaluate",
+    "merge": "recipes.merge",
 }
 
 
