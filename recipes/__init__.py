@@ -8,7 +8,11 @@ STAGE_KINDS = {
     "sample_logits": "recipes.sample_logits",
     "distill": "recipes.distill",
     "evaluate": "recipes.evaluate",
+    "sft": "recipes.sft",
+    "onpolicy_distill": "recipes.onpolicy_distill",
+    "rl": "recipes.rl",
     "merge": "recipes.merge",
+    "reward_model": "recipes.reward_model",
 }
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.checkpoint import CheckpointConfig
 from train.mesh import MeshConfig, MeshError, resolve_mesh_shape
@@ -88,6 +88,48 @@ class DataConfig(Strict):
     heldout_fraction: float = Field(0.02, gt=0, lt=1)
     max_rows: int | None = Field(None, gt=0)
     """use only the first N packed training rows (a token budget stages can share)"""
+
+
+class ChatDataConfig(Strict):
+    """Batches of chat sequences (post-training stages)."""
+
+    seq_len: int = Field(64, gt=1)
+    batch_size: int = Field(32, gt=0)
+
+
+class TaskConfig(Strict):
+    """Prompts (and reference answers) from a registered task in `data/tasks.py`."""
+
+    name: str = "arithmetic"
+    """arithmetic, chain_sum, code or jsonl"""
+    options: dict[str, Any] = {}
+    """the task's own options, e.g. {max_value: 20, ops: "+"} or {path: data.jsonl}"""
+    train_size: int = Field(2000, gt=0)
+    test_size: int = Field(100, gt=0)
+    """held-out prompts for accuracy (disjoint from train)"""
+
+    @model_validator(mode="after")
+    def _known(self):
+        from data.tasks import check_task
+
+        errors = check_task(self.name, dict(self.options))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+class RolloutConfig(Strict):
+    """How the policy samples responses (train/sampler.py, with a KV cache)."""
+
+    prompts_per_step: int = Field(16, gt=0)
+    samples_per_prompt: int = Field(8, gt=0)
+    """a group per prompt: GRPO and RLOO compare a prompt's samples with each other"""
+    max_new_tokens: int = Field(16, gt=0)
+    max_prompt_len: int = Field(48, gt=0)
+    """prompts are padded to this width (one compiled program); a longer prompt is an error"""
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
 
 
 class OptimConfig(Strict):

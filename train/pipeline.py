@@ -146,12 +146,18 @@ class StageContext:
 
     def trained_params(self, stage: str, *, mesh=None, dtype: str | None = None):
         """(graphdef, params on the mesh, shardings) of a finished training stage's model,
-        e.g. a teacher; `dtype` overrides its param/compute dtype (a bf16 teacher)."""
+        e.g. a teacher; `dtype` overrides its param/compute dtype (a bf16 teacher).
+
+        A reward model (a reward_model stage, or a merge of them) also has its float32
+        `score_head`, replicated: the graphdef is then recipes.reward_model.RewardModel's."""
+        from recipes import reward_model
         from train.loop import abstract_params, load_params
 
         model_cfg = self.pipeline.stage_model(stage)
         if dtype is not None:
             model_cfg = model_cfg.model_copy(update={"param_dtype": dtype, "compute_dtype": dtype})
+        if reward_model.is_reward_model(self.pipeline, stage):
+            abstract_params = reward_model.abstract_params
         graphdef, abstract, shardings = abstract_params(
             model_cfg, mesh=mesh or self.mesh, rules=self.rules
         )
