@@ -73,6 +73,8 @@ from train.rollout import (
 
 class Config(TrainStageConfig):
     kind: Literal["onpolicy_distill"]
+    data: None = None
+    """not used: batches are rollouts (rollout.prompts_per_step x samples_per_prompt)"""
     teacher: str
     """a training stage whose final model scores the student's tokens (same vocabulary)"""
     task: TaskConfig = TaskConfig()
@@ -96,6 +98,13 @@ class Config(TrainStageConfig):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def batch_rows(self) -> tuple[str, int]:
+        ro = self.rollout
+        return (
+            "rollout.prompts_per_step x samples_per_prompt",
+            ro.prompts_per_step * ro.samples_per_prompt,
+        )
 
     def references(self) -> dict[str, str]:
         return {**super().references(), "teacher": self.teacher}

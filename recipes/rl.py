@@ -93,6 +93,8 @@ class BondConfig(Strict):
 
 class Config(TrainStageConfig):
     kind: Literal["rl"]
+    data: None = None
+    """not used: batches are rollouts (rollout.prompts_per_step x samples_per_prompt)"""
     algorithm: Literal["grpo", "rloo", "reinforce", "bond"] = "grpo"
     task: TaskConfig = TaskConfig()
     rewards: dict[str, float] = {"math_exact": 1.0}
@@ -123,6 +125,11 @@ class Config(TrainStageConfig):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def batch_rows(self) -> tuple[str, int]:
+        ro = self.rollout
+        rows = ro.prompts_per_step * (ro.samples_per_prompt + (self.algorithm == "bond"))
+        return "rollout.prompts_per_step x samples_per_prompt (+1 for bond)", rows
 
     def references(self) -> dict[str, str]:
         refs = super().references()
@@ -244,9 +251,12 @@ def run(cfg: Config, ctx):
         )  # fmt: skip
 
     def accuracy(params, prefix=""):
+        """Greedy accuracy, and the mean over `samples_per_prompt` samples per held-out prompt
+        at the rollout temperature (what the policy is trained to raise; less noisy)."""
         kw = dict(tokenizer=tokenizer, rollout=ro, rewards=cfg.rewards, batch_size=eval_batch)
         greedy, rows = task_accuracy(graphdef, params, test_examples, prefix=prefix, **kw)
-        sampled, _ = task_accuracy(graphdef, params, test_examples, greedy=False, **kw)
+        repeated = [ex for ex in test_examples for _ in range(group)]
+        sampled, _ = task_accuracy(graphdef, params, repeated, greedy=False, **kw)
         return {**greedy, f"{prefix}accuracy_sampled": sampled["accuracy"]}, rows
 
     initial, _ = accuracy(init_copy)

@@ -1,6 +1,7 @@
-"""Post-training stages end to end: rollout batches, sft -> rl (GRPO with an EMA KL anchor and
-two updates per rollout) -> rl (J-BOND), and exact resume after SIGKILL in the middle of RL
-(the sampler's key and the EMA anchor included)."""
+"""Post-training stages end to end: rollout batches; sft -> rl (GRPO with an EMA KL anchor and
+two updates per rollout), rl (J-BOND), sft on a teacher's responses, a reward model used as an
+RL reward, a WARP merge (SLERP + LITI); and exact resume after SIGKILL in the middle of sft, GRPO
+and J-BOND (the sampler's key and the EMA anchor included)."""
 
 import random
 import signal
@@ -81,6 +82,44 @@ def posttrain_stages(steps: int = 6) -> dict:
             "algorithm": "bond",
             "rollout": {**rl["rollout"], "samples_per_prompt": 1, "prompts_per_step": 8},
         },
+        # sequence-level distillation: the responses are stage a's greedy answers
+        "sft_kd": {
+            "kind": "sft",
+            "model": "m",
+            "init": {"stage": "a"},
+            "teacher": "a",
+            "task": {**TASK, "test_size": 8},
+            "data": {"seq_len": 48, "batch_size": 8},
+            "rollout": {**ROLLOUT, "max_prompt_len": 40},
+            "steps": 2,
+            "rewards": {},
+        },
+        "rm": {
+            "kind": "reward_model",
+            "model": "m",
+            "init": {"stage": "sft"},
+            "task": {**TASK, "test_size": 8},
+            "data": {"seq_len": 48, "batch_size": 8},
+            "steps": 4,
+            "eval": {"every": 0, "batches": 1},
+            "checkpoint": {"every": 2, "keep": 2},
+        },
+        "rl_rm": {
+            **rl,
+            "kind": "rl",
+            "init": {"stage": "sft"},
+            "rewards": {"math_exact": 1.0, "reward_model": 0.5},
+            "reward_model": "rm",
+            "steps": 2,
+        },
+        "warp": {
+            "kind": "merge",
+            "model": "m",
+            "sources": ["grpo", "bond"],
+            "method": "slerp",
+            "base": "sft",
+            "liti": 0.5,
+        },
     }
 
 
@@ -95,10 +134,12 @@ def test_posttraining_resumes_exactly_after_sigkill(tmp_path):
     rc, out = launch(ref_cfg)
     assert rc == 0, out[-3000:]
     ref = manifest(tmp_path, "post_ref")["stages"]
-    for name in ("sft", "grpo", "bond"):
+    for name in ("sft", "grpo", "bond", "rl_rm"):
         assert ref[name]["status"] == "done", name
         m = ref[name]["metrics"]
         assert 0.0 <= m["accuracy"] <= 1.0
+    for name in ("sft_kd", "rm", "warp"):
+        assert ref[name]["status"] == "done", name
     assert "accuracy_init" in ref["grpo"]["metrics"]
     rows = (tmp_path / "runs/post_ref/grpo/metrics.jsonl").read_text()
     assert '"kind": "table"' in rows and "reward_mean" in rows
@@ -116,5 +157,5 @@ def test_posttraining_resumes_exactly_after_sigkill(tmp_path):
     rc, out = launch(config)
     assert rc == 0, out[-3000:]
     got = manifest(tmp_path, "post_killed")["stages"]
-    for name in ("a", "sft", "grpo", "bond"):
+    for name in ("a", "sft", "grpo", "bond", "sft_kd", "rm", "rl_rm", "warp"):
         assert got[name]["params_sha256"] == ref[name]["params_sha256"], name

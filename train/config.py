@@ -196,6 +196,12 @@ class StageConfig(Strict):
         """Problems that need the other stages (or the models) to see, as "key: message"."""
         return []
 
+    def batch_rows(self) -> tuple[str, int] | None:
+        """(the key that sets it, rows of one training batch), which must split evenly over
+        the data-parallel devices; None for a stage without training batches."""
+        data = getattr(self, "data", None)
+        return None if data is None else ("data.batch_size", data.batch_size)
+
 
 class TrainStageConfig(StageConfig):
     """What every training stage shares: model, data, optimizer, eval, checkpoints."""
@@ -557,15 +563,16 @@ def _check_devices(cfg: PipelineConfig, *, num_devices: int | None, errors: list
         return
     dp = shape["data"] * shape["fsdp"]
     for name, st in cfg.stages.items():
-        data = getattr(st, "data", None)
-        optim = getattr(st, "optim", None)
-        if data is None:
+        rows = st.batch_rows()
+        if rows is None:
             continue
+        key, n = rows
+        optim = getattr(st, "optim", None)
         accum = optim.grad_accum if optim is not None else 1
-        if data.batch_size % (dp * accum):
+        if n % (dp * accum):
             errors.append(
-                f"{cfg.source}: stages.{name}.data.batch_size: {data.batch_size} must be a "
-                f"multiple of data x fsdp ({dp}) x optim.grad_accum ({accum}) = {dp * accum}"
+                f"{cfg.source}: stages.{name}.{key}: {n} rows must be a multiple of "
+                f"data x fsdp ({dp}) x optim.grad_accum ({accum}) = {dp * accum}"
             )
 
 

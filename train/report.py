@@ -17,6 +17,11 @@ SHOWN = (
     "kl_to_teacher",
     "unigram_ppl",
     "bytes_per_token",
+    "accuracy_init",
+    "accuracy",
+    "accuracy_sampled_init",
+    "accuracy_sampled",
+    "reward_mean",
 )
 
 
@@ -75,12 +80,61 @@ def plot_losses(run_dir: Path, order) -> Path | None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     out = run_dir / "losses.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def rl_summary(run_dir: Path, order, kinds, manifest: dict) -> str:
+    """For each RL stage: held-out accuracy before and after, and the reward curve."""
+    parts = []
+    for name in order:
+        e = manifest["stages"].get(name, {})
+        m = e.get("metrics") or {}
+        if kinds[name] != "rl" or e.get("status") != "done":
+            continue
+        lines = [f"### RL stage `{name}`", ""]
+        for key, label in (("accuracy", "greedy"), ("accuracy_sampled", "sampled")):
+            if f"{key}_init" in m and key in m:
+                a, b = m[f"{key}_init"], m[key]
+                lines.append(
+                    f"- held-out accuracy ({label}): {a:.1%} before -> {b:.1%} after "
+                    f"({(b - a) * 100:+.1f} points)"
+                )
+        path = run_dir / name / "metrics.jsonl"
+        curve = [
+            (r["step"], r["reward_mean"])
+            for r in (read_metrics(path) if path.exists() else [])
+            if r.get("kind") == "train" and "reward_mean" in r
+        ]
+        if curve:
+            lines += ["", "reward curve (training rollouts, mean reward per logged interval):", ""]
+            lines.append(format_table([[str(s), f"{r:.3f}"] for s, r in curve], ["step", "reward"]))
+            png = _plot_curve(run_dir / f"{name}_reward.png", curve, title=f"{name}: reward")
+            lines.append(f"\n![{name} reward]({png.name})")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _plot_curve(path: Path, curve, *, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*curve, strict=True), marker="o")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(
@@ -93,4 +147,7 @@ def write_report(
     png = plot_losses(run_dir, order)
     if png is not None:
         text += f"\n![losses]({png.name})\n"
+    rl = rl_summary(run_dir, order, kinds, manifest)
+    if rl:
+        text += f"\n## Post-training\n\n{rl}\n"
     return text
