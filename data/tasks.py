@@ -481,6 +481,22 @@ def _expression(
     return text, _evaluate(values, chosen)
 
 
+def _imperfect(examples: list[dict], *, wrong_fraction: float, seed: int) -> list[dict]:
+    """Make `wrong_fraction` of the reference responses wrong by a small nonzero offset (a
+    deterministic choice per example), as an imperfect teacher's answers would be; `answer`
+    stays the ground truth, so a verifiable reward can correct what SFT learned from them."""
+    if not 0.0 <= wrong_fraction < 1.0:
+        raise ValueError(f"wrong_fraction={wrong_fraction!r} must be in [0, 1)")
+    out = []
+    for k, ex in enumerate(examples):
+        rng = np.random.default_rng([seed, k, 7919])
+        if rng.random() < wrong_fraction:
+            offset = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
+            ex = {**ex, "response": str(int(ex["answer"]) + offset)}
+        out.append(ex)
+    return out
+
+
 def _raise_on(errors: list[str], task: str) -> None:
     if errors:
         raise ValueError(f"task {task!r}: " + "; ".join(errors))
@@ -495,11 +511,13 @@ def arithmetic(
     max_value: int = 20,
     ops: str = "+-",
     terms: int = 2,
+    wrong_fraction: float = 0.0,
 ) -> list[dict]:
     """Prompts like "What is 7 + 12?" -> "19".
 
     `terms` integers drawn from [min_value, max_value], joined by operators drawn from `ops`
     (* binds before + and -); negative operands after the first are parenthesized.
+    `wrong_fraction` of the reference responses are off by 1-3 (an imperfect teacher).
     """
     options = dict(min_value=min_value, max_value=max_value, ops=ops, terms=terms)
     _raise_on(_check_numbers(**options), "arithmetic")
@@ -508,7 +526,8 @@ def arithmetic(
         text, value = _expression(rng, **options)
         return {"prompt": f"What is {text}?", "answer": str(value), "response": str(value)}
 
-    return _draw(task="arithmetic", split=split, n=n, seed=seed, problem=problem)
+    examples = _draw(task="arithmetic", split=split, n=n, seed=seed, problem=problem)
+    return _imperfect(examples, wrong_fraction=wrong_fraction, seed=seed)
 
 
 def chain_sum(
@@ -655,8 +674,17 @@ TASKS: dict[str, Callable[..., list[dict]]] = {
     "code": code,
     "jsonl": jsonl,
 }
+
+
+def _check_arithmetic(*, wrong_fraction: float, **numbers) -> list[str]:
+    errors = _check_numbers(**numbers)
+    if not isinstance(wrong_fraction, int | float) or not 0.0 <= wrong_fraction < 1.0:
+        errors.append(f"wrong_fraction={wrong_fraction!r} must be a number in [0, 1)")
+    return errors
+
+
 _VALIDATORS: dict[str, Callable[..., list[str]]] = {
-    "arithmetic": _check_numbers,
+    "arithmetic": _check_arithmetic,
     "chain_sum": _check_numbers,
 }
 _COMMON = ("split", "n", "seed")

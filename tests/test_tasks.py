@@ -386,3 +386,15 @@ def test_check_task_and_make_task_errors():
         tasks.make_task("arithmetic", split="valid", n=1, seed=0)
     with pytest.raises(ValueError, match="n="):
         tasks.make_task("arithmetic", split="train", n=0, seed=0)
+
+
+def test_wrong_fraction_corrupts_responses_but_never_answers():
+    clean = tasks.make_task("arithmetic", split="train", n=400, seed=3)
+    noisy = tasks.make_task("arithmetic", split="train", n=400, seed=3, wrong_fraction=0.3)
+    assert [e["answer"] for e in clean] == [e["answer"] for e in noisy]
+    wrong = [e for e in noisy if e["response"] != e["answer"]]
+    assert 0.2 < len(wrong) / len(noisy) < 0.4
+    assert all(1 <= abs(int(e["response"]) - int(e["answer"])) <= 3 for e in wrong)
+    assert noisy == tasks.make_task("arithmetic", split="train", n=400, seed=3, wrong_fraction=0.3)
+    assert tasks.check_task("arithmetic", {"wrong_fraction": 1.5})
+    assert not tasks.check_task("arithmetic", {"wrong_fraction": 0.3})
