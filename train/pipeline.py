@@ -346,10 +346,10 @@ def comparisons(cfg: PipelineConfig, manifest: dict) -> str:
             pa, pb = done[a]["metrics"].get("eval_ppl"), done[b]["metrics"].get("eval_ppl")
             if pa and pb:
                 verdict = "lower" if pa < pb else "not lower"
-                (sa, ba), (sb, bb) = best_eval_ppl(cfg.run_dir / a), best_eval_ppl(cfg.run_dir / b)
+                (step_a, ba), (step_b, bb) = (best_eval_ppl(cfg.run_dir / n) for n in (a, b))
                 lines.append(
                     f"- distilled `{a}` eval ppl {pa:.3f} vs from-scratch `{b}` {pb:.3f} on the "
                     f"same model, data and steps: {verdict} ({(pb - pa) / pb:+.1%}); best "
-                    f"during training: {ba:.3f} (step {sa}) vs {bb:.3f} (step {sb})"
+                    f"during training: {ba:.3f} (step {step_a}) vs {bb:.3f} (step {step_b})"
                 )
     return "\n".join(lines)
