@@ -3,7 +3,8 @@
     python launch.py CONFIG.yaml [dotted.key=value ...] [--dry-run] [--fresh]
 
 --dry-run validates, prints the resolved config and the plan (what runs, what is done, what
-resumes) and exits. --fresh discards the run directory and starts over. A bad config exits
+resumes) and exits. A config with a `sweep:` section runs a sweep (train/sweep.py; `--trial ID`
+runs one of its trials). --fresh discards the run directory and starts over. A bad config exits
 with status 2 and one line per problem, before anything is computed or written.
 """
 
@@ -14,17 +15,6 @@ import os
 import sys
 
 
-def maybe_initialize_distributed() -> None:
-    """Join a multi-process job when the environment says this is one process of several."""
-    if (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-    ):
-        import jax
-
-        jax.distributed.initialize()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launch.py", description="Run a distillax pipeline from a YAML config."
@@ -33,15 +23,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (values parsed as YAML)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     parser.add_argument("--fresh", action="store_true", help="discard the run directory first")
+    parser.add_argument("--trial", help="a sweep config: run only this trial (e.g. t003)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
-    maybe_initialize_distributed()
-    from train.config import ConfigError, dump_yaml, load_config
+    from train.distributed import config_section, maybe_initialize
+
+    maybe_initialize(config_section(args.config, args.overrides))  # before any device use
+    from train.config import ConfigError, dump_yaml, load_config, read_yaml
+    from train.memory import describe_memory
     from train.pipeline import Manifest, describe_plan, plan, run_pipeline
 
     try:
+        raw = read_yaml(args.config)
+        if "sweep" in raw:  # a sweep: train/sweep.py runs its trials (and describes them)
+            from train.sweep import run_sweep
+
+            return run_sweep(raw, source=args.config, overrides=args.overrides, trial=args.trial,
+                             fresh=args.fresh, dry_run=args.dry_run)  # fmt: skip
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             manifest = Manifest(cfg.run_dir / "manifest.json")
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg.to_dict()))
             print(f"run directory: {cfg.run_dir}")
             print(describe_plan(items))
+            print(describe_memory(cfg))
             return 0
         return run_pipeline(cfg, fresh=args.fresh)
     except ConfigError as e:

@@ -251,10 +251,13 @@ class BatchSource:
 
     The global row stream is epoch 0's rows in a seeded order, then epoch 1's in another, ...
     (seed=None: corpus order every epoch), for `num_epochs` epochs or forever. Global batch b is
-    stream entries [b * G, (b + 1) * G), of which process p takes p, p + P, p + 2P, ... So the
-    data of a step does not depend on how many processes share it, and together the processes
-    see every row. A finite stream is cut to whole global batches so that all processes run the
-    same number of steps (a process left with an extra batch would hang the others).
+    stream entries [b * G, (b + 1) * G), of which process p takes the block of G / P entries
+    starting at b * G + p * G / P: the rows its devices hold, since a mesh lists process 0's
+    devices first along the batch axes (as recipes/sample_logits.py also assumes). So the global
+    batch of a step, row for row, does not depend on how many processes share it (a 2-process
+    run computes exactly what a 1-process run does), and together the processes see every row.
+    A finite stream is cut to whole global batches so that all processes run the same number of
+    steps (a process left with an extra batch would hang the others).
 
     Elements are whole batches, packed in one vectorized call: grain's per-element bookkeeping
     then costs once per batch instead of once per row. The order is a numpy permutation made once
@@ -308,8 +311,8 @@ class BatchSource:
 
     def row_ids(self, batch: int) -> np.ndarray:
         """The row ids of this process's share of global batch `batch`."""
-        first = batch * self.global_batch_size + self.process_index
-        stream = first + self.process_count * np.arange(self.local_batch_size, dtype=np.int64)
+        first = batch * self.global_batch_size + self.process_index * self.local_batch_size
+        stream = first + np.arange(self.local_batch_size, dtype=np.int64)
         epochs, within = np.divmod(stream, len(self.rows))
         ids = np.empty_like(stream)
         for epoch in np.unique(epochs):

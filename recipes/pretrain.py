@@ -21,6 +21,7 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data.corpus import load_documents
 from data.pipeline import eval_dataset, make_iterator, tokenize_documents, train_dataset
@@ -61,6 +62,8 @@ def unigram_ppl(*, cfg: Config, tokenizer, cache_dir, eval_batches) -> float:
     logp = np.log(counts / counts.sum())
     nll = sum(float(-(logp[b["targets"]] * b["loss_mask"]).sum()) for b in eval_batches)
     n = sum(float(b["loss_mask"].sum()) for b in eval_batches)
+    if jax.process_count() > 1:  # eval_batches hold this process's rows only: add up all of them
+        nll, n = multihost_utils.process_allgather(np.array([nll, n])).sum(axis=0)
     return math.exp(nll / max(n, 1.0))
 
 

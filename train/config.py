@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.checkpoint import CheckpointConfig
+from train.distributed import DistributedConfig
 from train.mesh import MeshConfig, MeshError, resolve_mesh_shape
 from train.metrics import LoggingConfig
 from train.models.config import ModelConfig
@@ -393,7 +394,7 @@ def _validate(cls, data, *, prefix: str, source: str, errors: list[str]):
         return None
 
 
-TOP_LEVEL = ("run", "mesh", "logging", "tokenizer", "models", "stages")
+TOP_LEVEL = ("run", "mesh", "logging", "tokenizer", "models", "stages", "distributed")
 
 
 def _resolve_model(spec, *, name: str, tokenizer: TokenizerConfig | None, source: str, errors):
@@ -447,6 +448,8 @@ def parse_config(raw: dict, *, source: str = "<config>", num_devices: int | None
         v(LoggingConfig, "logging"),
         v(TokenizerConfig, "tokenizer"),
     )
+    # Validated only: launch.py reads it before this (train/distributed.py), to join the job.
+    v(DistributedConfig, "distributed")
     if run is not None and not NAME_RE.match(run.name):
         errors.append(f"{source}: run.name: {run.name!r} must be a plain directory name")
     if tokenizer is not None and tokenizer.kind != "bpe" and not tokenizer.path:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -100,6 +102,11 @@ class MeshConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: str | None = Field(
+        None,
+        description="A file configs/mesh/<preset>.yaml (data_parallel, fsdp, fsdp_tensor) whose "
+        "keys are defaults here; keys given next to it win, and `rules` merge key by key.",
+    )
     data: int = Field(
         -1,
         description="Pure data-parallel replicas: each holds a full copy of the parameters and "
@@ -121,6 +128,15 @@ class MeshConfig(BaseModel):
         "null (replicated); e.g. {embed: null} turns FSDP's weight sharding off.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset = load_mesh_preset(data["preset"])
+        rules = {**(preset.get("rules") or {}), **(data.get("rules") or {})}
+        return {**preset, **data, "rules": rules}
+
     @model_validator(mode="after")
     def _check(self) -> MeshConfig:
         _check_sizes(self.sizes)
@@ -136,6 +152,21 @@ class MeshConfig(BaseModel):
         merged = dict(DEFAULT_RULES)
         merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()})
         return merged
+
+
+MESH_PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "mesh"
+
+
+def load_mesh_preset(name: str) -> dict:
+    """The `mesh:` keys of configs/mesh/<name>.yaml."""
+    path = MESH_PRESETS_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in MESH_PRESETS_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown mesh preset {name!r}; valid: {valid}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if "preset" in data:
+        raise ValueError(f"{path}: a mesh preset cannot name another preset")
+    return data
 
 
 def _divisors(n: int) -> list[int]:

@@ -160,6 +160,10 @@ def _parse_lines(text: str, path: Path) -> list[dict]:
     return out
 
 
+EVAL_HOOKS: list[Callable[[str, int, dict], None]] = []
+"""Called as hook(stage_name, step, metrics) after each logged eval (a sweep's pruner)."""
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl, in order (a truncated last line is ignored)."""
     path = Path(path)
@@ -259,6 +263,8 @@ class MetricsLogger:
             return
         metrics = {k: _plain(v) for k, v in metrics.items()}
         self._write({"step": step, "kind": kind, **metrics, "time": time.time()})
+        for hook in EVAL_HOOKS if kind == "eval" else ():
+            hook(self._name, step, metrics)
         if run := self._wandb():
             run.log({f"{kind}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
         shown = {k: metrics[k] for k in _CONSOLE_KEYS if isinstance(metrics.get(k), int | float)}

@@ -184,6 +184,7 @@ class StageContext:
             config=self.pipeline.to_dict(),
             total_steps=total_steps,
             start_step=start_step,
+            group=os.environ.get("DISTILLAX_WANDB_GROUP"),  # set by a sweep: one group per sweep
         )
 
 
@@ -249,8 +250,20 @@ def prepare_run_dir(cfg: PipelineConfig, *, fresh: bool) -> Manifest:
     run_dir = cfg.run_dir
     if fresh and run_dir.exists() and is_main_process():
         shutil.rmtree(run_dir)
+    # Several processes: all read the manifest after process 0 removed it (--fresh) and before
+    # it writes it again, so that every process plans the same steps.
+    sync_processes("distillax_run_dir_ready")
     manifest = Manifest(run_dir / "manifest.json")
+    sync_processes("distillax_manifest_read")
     return manifest
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process job; nothing with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def run_pipeline(cfg: PipelineConfig, *, fresh: bool = False, log=print) -> int:
@@ -346,7 +359,9 @@ def comparisons(cfg: PipelineConfig, manifest: dict) -> str:
             pa, pb = done[a]["metrics"].get("eval_ppl"), done[b]["metrics"].get("eval_ppl")
             if pa and pb:
                 verdict = "lower" if pa < pb else "not lower"
-                (step_a, ba), (step_b, bb) = (best_eval_ppl(cfg.run_dir / n) for n in (a, b))
+                # a sweep's trial records where a shared stage ran (`stage_dir`)
+                sdir = lambda n: Path(done[n].get("stage_dir") or cfg.run_dir / n)
+                (step_a, ba), (step_b, bb) = best_eval_ppl(sdir(a)), best_eval_ppl(sdir(b))
                 lines.append(
                     f"- distilled `{a}` eval ppl {pa:.3f} vs from-scratch `{b}` {pb:.3f} on the "
                     f"same model, data and steps: {verdict} ({(pb - pa) / pb:+.1%}); best "
