@@ -64,6 +64,7 @@ from train.mesh import batch_sharding
 from train.rollout import (
     encode_prompts,
     generate,
+    require_single_process,
     sequence_batch,
     step_examples,
     task_accuracy,
@@ -169,6 +170,7 @@ def reference_responses(examples: list[dict], *, tokenizer, max_new_tokens: int)
 
 
 def run(cfg: Config, ctx):
+    require_single_process("onpolicy_distill")
     # ---- setup: student, teacher, optimizer, prompts, resume
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()

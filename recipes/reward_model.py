@@ -61,7 +61,7 @@ from train.loop import (
 from train.losses import bradley_terry_loss
 from train.mesh import batch_sharding, data_parallel_size
 from train.models.gemma import Transformer
-from train.rollout import task_examples
+from train.rollout import require_single_process, task_examples
 
 
 class PairsConfig(Strict):
@@ -272,6 +272,7 @@ def pair_loss(model, batch, rng, extra):
 
 
 def run(cfg: Config, ctx):
+    require_single_process("reward_model")
     # ---- setup: model (Transformer + score head), optimizer, pairs, resume
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()

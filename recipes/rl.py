@@ -66,6 +66,7 @@ from train.mesh import batch_sharding
 from train.rollout import (
     encode_prompts,
     generate,
+    require_single_process,
     sequence_batch,
     step_examples,
     task_accuracy,
@@ -185,6 +186,7 @@ def make_loss(cfg: Config, *, graphdef):
 
 
 def run(cfg: Config, ctx):
+    require_single_process("rl")
     # ---- setup: policy, anchor, optimizer, prompts, rewards
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()

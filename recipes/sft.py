@@ -43,7 +43,13 @@ from train.loop import (
     train_loop,
 )
 from train.mesh import batch_sharding
-from train.rollout import encode_prompts, generate, task_accuracy, task_examples
+from train.rollout import (
+    encode_prompts,
+    generate,
+    require_single_process,
+    task_accuracy,
+    task_examples,
+)
 
 
 class Config(TrainStageConfig):
@@ -92,6 +98,7 @@ def teacher_responses(examples, *, graphdef, params, tokenizer, rollout) -> list
 
 
 def run(cfg: Config, ctx):
+    require_single_process("sft")
     # ---- setup: model, optimizer, chat rows, resume
     model_cfg = ctx.model_config(cfg.model)
     tokenizer = ctx.tokenizer()

@@ -93,6 +93,10 @@ def test_override_values_are_yaml_scalars_and_lists_take_indices():
     assert tree == {"a": {"b": [1, {"c": [3, 4]}], "x": None, "y": True}}
     with pytest.raises(ConfigError, match="not an index"):
         apply_override(tree, *parse_override("a.b.5=1"), text="a.b.5=1")
+    apply_override(tree, *parse_override("~a.x"), text="~a.x")
+    assert tree == {"a": {"b": [1, {"c": [3, 4]}], "y": True}}
+    with pytest.raises(ConfigError, match="there is no a.x"):
+        apply_override(tree, *parse_override("~a.x"), text="~a.x")
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):

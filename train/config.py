@@ -281,18 +281,28 @@ class PipelineConfig:
 # YAML and overrides
 
 
+DELETE = object()  # the value of a `~dotted.key` override: remove that key
+
+
 def parse_override(text: str) -> tuple[list[str | int], Any]:
-    """`a.b.0.c=value` -> (['a', 'b', 0, 'c'], value parsed as a YAML scalar)."""
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected dotted.key=value"])
-    key, value = text.split("=", 1)
+    """`a.b.0.c=value` -> (['a', 'b', 0, 'c'], value parsed as a YAML scalar);
+    `~a.b` -> (['a', 'b'], DELETE): drop a key, e.g. `~stages.rl` to leave a stage out."""
+    if text.startswith("~") and "=" not in text:
+        key, value = text[1:], None
+    elif "=" not in text:
+        raise ConfigError([f"override {text!r}: expected dotted.key=value or ~dotted.key"])
+    else:
+        key, value = text.split("=", 1)
     if not key or any(not p for p in key.split(".")):
         raise ConfigError([f"override {text!r}: empty key part in {key!r}"])
+    keys = [int(p) if p.isdigit() else p for p in key.split(".")]
+    if value is None:
+        return keys, DELETE
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError([f"override {text!r}: value is not valid YAML ({e})"]) from None
-    return [int(p) if p.isdigit() else p for p in key.split(".")], parsed
+    return keys, parsed
 
 
 def apply_override(tree: dict, path: list[str | int], value: Any, *, text: str) -> None:
@@ -315,6 +325,11 @@ def apply_override(tree: dict, path: list[str | int], value: Any, *, text: str) 
     if isinstance(node, list):
         if not isinstance(last, int) or last >= len(node):
             raise ConfigError([f"override {text!r}: {last} is not an index of the list"])
+    if value is DELETE:
+        if last not in node:
+            raise ConfigError([f"override {text!r}: there is no {'.'.join(map(str, path))}"])
+        del node[last]
+        return
     node[last] = value
 
 

@@ -23,6 +23,17 @@ from data.tokenizer import END_OF_TURN
 from train.sampler import sample
 
 
+def require_single_process(kind: str) -> None:
+    """Post-training stages build each global batch whole on the host (rollouts, chat rows):
+    refuse a multi-process job clearly instead of failing inside jax."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"stage kind {kind!r} runs in a single process for now (this job has "
+            f"{jax.process_count()}); run the pretraining stages multi-host and post-train on "
+            "one host (any number of its devices)"
+        )
+
+
 def task_examples(task, *, split: str, seed: int) -> list[dict]:
     """The examples of a TaskConfig's split (train: train_size, test: test_size)."""
     n = task.train_size if split == "train" else task.test_size
