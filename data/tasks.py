@@ -481,18 +481,28 @@ def _expression(
     return text, _evaluate(values, chosen)
 
 
-def _imperfect(examples: list[dict], *, wrong_fraction: float, seed: int) -> list[dict]:
-    """Make `wrong_fraction` of the reference responses wrong by a small nonzero offset (a
-    deterministic choice per example), as an imperfect teacher's answers would be; `answer`
-    stays the ground truth, so a verifiable reward can correct what SFT learned from them."""
-    if not 0.0 <= wrong_fraction < 1.0:
-        raise ValueError(f"wrong_fraction={wrong_fraction!r} must be in [0, 1)")
+def _imperfect(
+    examples: list[dict], *, wrong_fraction: float, hedge_fraction: float, seed: int
+) -> list[dict]:
+    """Flaws of an imperfect teacher in the reference responses (deterministic per example);
+    `answer` stays the ground truth, so a verifiable reward can correct what SFT learned:
+    - wrong_fraction: the answer is off by 1-3;
+    - hedge_fraction: a correct answer followed by a wrong second guess ("19, or maybe 21"),
+      which the last-number rule (`math_exact`) scores wrong: a habit, not a gap in knowledge.
+    """
+    for name, f in (("wrong_fraction", wrong_fraction), ("hedge_fraction", hedge_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"{name}={f!r} must be in [0, 1)")
     out = []
     for k, ex in enumerate(examples):
         rng = np.random.default_rng([seed, k, 7919])
-        if rng.random() < wrong_fraction:
-            offset = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
-            ex = {**ex, "response": str(int(ex["answer"]) + offset)}
+        draw = rng.random()
+        offset = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
+        wrong = str(int(ex["answer"]) + offset)
+        if draw < wrong_fraction:
+            ex = {**ex, "response": wrong}
+        elif draw < wrong_fraction + hedge_fraction:
+            ex = {**ex, "response": f"{ex['answer']}, or maybe {wrong}"}
         out.append(ex)
     return out
 
@@ -512,12 +522,14 @@ def arithmetic(
     ops: str = "+-",
     terms: int = 2,
     wrong_fraction: float = 0.0,
+    hedge_fraction: float = 0.0,
 ) -> list[dict]:
     """Prompts like "What is 7 + 12?" -> "19".
 
     `terms` integers drawn from [min_value, max_value], joined by operators drawn from `ops`
     (* binds before + and -); negative operands after the first are parenthesized.
-    `wrong_fraction` of the reference responses are off by 1-3 (an imperfect teacher).
+    `wrong_fraction` of the reference responses are off by 1-3 and `hedge_fraction` add a wrong
+    second guess (an imperfect teacher's flaws, see `_imperfect`).
     """
     options = dict(min_value=min_value, max_value=max_value, ops=ops, terms=terms)
     _raise_on(_check_numbers(**options), "arithmetic")
@@ -527,7 +539,9 @@ def arithmetic(
         return {"prompt": f"What is {text}?", "answer": str(value), "response": str(value)}
 
     examples = _draw(task="arithmetic", split=split, n=n, seed=seed, problem=problem)
-    return _imperfect(examples, wrong_fraction=wrong_fraction, seed=seed)
+    return _imperfect(
+        examples, wrong_fraction=wrong_fraction, hedge_fraction=hedge_fraction, seed=seed
+    )
 
 
 def chain_sum(
@@ -676,10 +690,13 @@ TASKS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
-def _check_arithmetic(*, wrong_fraction: float, **numbers) -> list[str]:
+def _check_arithmetic(*, wrong_fraction: float, hedge_fraction: float, **numbers) -> list[str]:
     errors = _check_numbers(**numbers)
-    if not isinstance(wrong_fraction, int | float) or not 0.0 <= wrong_fraction < 1.0:
-        errors.append(f"wrong_fraction={wrong_fraction!r} must be a number in [0, 1)")
+    for name, f in (("wrong_fraction", wrong_fraction), ("hedge_fraction", hedge_fraction)):
+        if not isinstance(f, int | float) or not 0.0 <= f < 1.0:
+            errors.append(f"{name}={f!r} must be a number in [0, 1)")
+    if not errors and wrong_fraction + hedge_fraction >= 1.0:
+        errors.append("wrong_fraction + hedge_fraction must be below 1")
     return errors
 
 

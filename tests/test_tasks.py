@@ -398,3 +398,15 @@ def test_wrong_fraction_corrupts_responses_but_never_answers():
     assert noisy == tasks.make_task("arithmetic", split="train", n=400, seed=3, wrong_fraction=0.3)
     assert tasks.check_task("arithmetic", {"wrong_fraction": 1.5})
     assert not tasks.check_task("arithmetic", {"wrong_fraction": 0.3})
+
+
+def test_hedge_fraction_adds_a_wrong_second_guess():
+    from data.rewards import math_exact
+
+    ex = tasks.make_task("arithmetic", split="train", n=400, seed=3, hedge_fraction=0.3)
+    hedged = [e for e in ex if e["response"] != e["answer"]]
+    assert 0.2 < len(hedged) / len(ex) < 0.4
+    assert all(e["response"].startswith(e["answer"] + ", or maybe ") for e in hedged)
+    scores = math_exact(examples=ex, completions=[e["response"] for e in ex])
+    assert scores.sum() == len(ex) - len(hedged)  # the last number decides: hedges score 0
+    assert tasks.check_task("arithmetic", {"hedge_fraction": 0.5, "wrong_fraction": 0.5})
