@@ -295,7 +295,9 @@ class _ArrayRows:
         return {k: v[row_ids] for k, v in self.arrays.items()}
 
 
-def _batch_source(rows: dict, *, batch_size: int, seed: int | None) -> BatchSource:
+def batch_source(rows: dict, *, batch_size: int, seed: int | None) -> BatchSource:
+    """The endless shuffled-epoch stream of `rows`, indexable by batch: hold one per stage, so
+    an epoch's order is drawn once (it caches it), not once per batch."""
     # The same stream as the pretraining pipeline: epoch e is the rows in the order
     # np.random.default_rng([seed, e]).permutation, epochs back to back, batch b its entries
     # [b * batch_size, (b + 1) * batch_size) (a batch may span two epochs).
@@ -314,14 +316,14 @@ def get_batch(rows: dict, *, batch_size: int, seed: int | None, index: int) -> d
 
     seed=None serves the rows in order every epoch.
     """
-    return _batch_source(rows, batch_size=batch_size, seed=seed)[index]
+    return batch_source(rows, batch_size=batch_size, seed=seed)[index]
 
 
 def batches(
     rows: dict, *, batch_size: int, seed: int | None, start_batch: int = 0
 ) -> Iterator[dict]:
     """Batches start_batch, start_batch + 1, ... of the stream get_batch defines (endless)."""
-    source = _batch_source(rows, batch_size=batch_size, seed=seed)
+    source = batch_source(rows, batch_size=batch_size, seed=seed)
     index = start_batch
     while True:
         yield source[index]

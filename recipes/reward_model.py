@@ -343,8 +343,10 @@ def run(cfg: Config, ctx):
         out["eval_pairs"] = len(eval_batches) * batch_size
         return out
 
+    train_batches = tasks.batch_source(rows, batch_size=batch_size, seed=seed)
+
     def step_fn(state, step):
-        batch = tasks.get_batch(rows, batch_size=batch_size, seed=seed, index=step - 1)
+        batch = train_batches[step - 1]
         params, opt_state, metrics = train_step(
             state["params"], state["opt_state"], put(batch), step - 1, None
         )

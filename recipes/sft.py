@@ -156,8 +156,10 @@ def run(cfg: Config, ctx):
             out.update(acc)
         return out
 
+    train_batches = tasks.batch_source(rows, batch_size=batch_size, seed=ctx.seed)
+
     def step_fn(state, step):
-        batch = tasks.get_batch(rows, batch_size=batch_size, seed=ctx.seed, index=step - 1)
+        batch = train_batches[step - 1]
         params, opt_state, metrics = train_step(
             state["params"], state["opt_state"], put(batch), step - 1, None
         )

@@ -43,10 +43,13 @@ def task_examples(task, *, split: str, seed: int) -> list[dict]:
 def step_examples(examples: list[dict], *, step: int, count: int, seed: int) -> list[dict]:
     """The `count` examples of (1-based) step `step`: shuffled epochs, a pure function of step."""
     n = len(examples)
+    orders: dict[int, np.ndarray] = {}  # a step spans at most a few epochs: draw each once
     out = []
     for k in range((step - 1) * count, step * count):
         epoch, i = divmod(k, n)
-        out.append(examples[int(np.random.default_rng([seed, epoch]).permutation(n)[i])])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(examples[int(orders[epoch][i])])
     return out
 
 
@@ -128,6 +131,7 @@ def sequence_batch(
     row = np.full((n, width + 1), pad_id, np.int32)
     resp = np.zeros((n, width + 1), np.float32)
     old = np.zeros((n, width + 1), np.float32)
+    real = np.zeros((n, width), np.int32)  # inputs that are tokens (the last is only a target)
     for i, (p, toks, k) in enumerate(zip(prompts, tokens, lengths, strict=True)):
         k = int(k)
         if len(p) + k > width + 1:
@@ -135,11 +139,9 @@ def sequence_batch(
         row[i, : len(p)] = p
         row[i, len(p) : len(p) + k] = toks[:k]
         resp[i, len(p) : len(p) + k] = 1.0
+        real[i, : len(p) + k - 1] = 1
         if logprobs is not None:
             old[i, len(p) : len(p) + k] = logprobs[i, :k]
-    real = np.zeros((n, width), np.int32)
-    for i, (p, k) in enumerate(zip(prompts, lengths, strict=True)):
-        real[i, : len(p) + int(k) - 1] = 1
     batch = {
         "inputs": row[:, :-1],
         "targets": row[:, 1:],
