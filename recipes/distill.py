@@ -32,7 +32,6 @@ from data.pipeline import eval_dataset, make_iterator, train_dataset
 from train.config import DistillLossConfig, TrainStageConfig
 from train.loop import (
     evaluate,
-    finish,
     heldout_sums,
     init_optimizer,
     init_params,
@@ -261,7 +260,7 @@ def run(cfg: Config, ctx):
         return {"params": params, "opt_state": opt_state}, metrics
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state={"params": params, "opt_state": opt_state},
@@ -271,7 +270,3 @@ def run(cfg: Config, ctx):
         lr_at=lr_at,
         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
     )
-    if out is None:
-        return ctx.interrupted()
-    state, final = out
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

@@ -51,7 +51,6 @@ from data import rewards as rewards_lib
 from train.config import RolloutConfig, TaskConfig, TrainStageConfig
 from train.loop import (
     evaluate,
-    finish,
     init_optimizer,
     init_params,
     make_eval_step,
@@ -283,7 +282,7 @@ def run(cfg: Config, ctx):
         return {"params": params, "opt_state": opt_state}, metrics
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state={"params": params, "opt_state": opt_state},
@@ -292,7 +291,3 @@ def run(cfg: Config, ctx):
         lr_at=lr_at,
         tokens_per_step=size * width,
     )
-    if out is None:
-        return ctx.interrupted()
-    state, final = out
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

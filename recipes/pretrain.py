@@ -28,7 +28,6 @@ from data.pipeline import eval_dataset, make_iterator, tokenize_documents, train
 from train.config import TrainStageConfig
 from train.loop import (
     evaluate,
-    finish,
     init_optimizer,
     init_params,
     make_eval_step,
@@ -126,7 +125,7 @@ def run(cfg: Config, ctx):
         return {"params": params, "opt_state": opt_state}, metrics
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state={"params": params, "opt_state": opt_state},
@@ -135,13 +134,9 @@ def run(cfg: Config, ctx):
         run_eval=lambda state: evaluate(eval_step, state["params"], eval_batches, put=put),
         lr_at=lr_at,
         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        end_metrics=lambda: {
+            "unigram_ppl": unigram_ppl(
+                cfg=cfg, tokenizer=tokenizer, cache_dir=cache_dir, eval_batches=eval_batches
+            )
+        },
     )
-    if out is None:
-        return ctx.interrupted()
-
-    # ---- end
-    state, final = out
-    final["unigram_ppl"] = unigram_ppl(
-        cfg=cfg, tokenizer=tokenizer, cache_dir=cache_dir, eval_batches=eval_batches
-    )
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

@@ -50,7 +50,6 @@ from data.tokenizer import END_OF_TURN, START_OF_TURN
 from train.config import ChatDataConfig, Strict, TaskConfig, TrainStageConfig
 from train.loop import (
     evaluate,
-    finish,
     init_optimizer,
     init_params,
     make_eval_step,
@@ -353,7 +352,7 @@ def run(cfg: Config, ctx):
         return {"params": params, "opt_state": opt_state}, metrics
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state={"params": params, "opt_state": opt_state},
@@ -362,10 +361,6 @@ def run(cfg: Config, ctx):
         lr_at=lr_at,
         tokens_per_step=2 * batch_size * seq_len,
     )
-    if out is None:
-        return ctx.interrupted()
-    state, final = out
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from pydantic import Field, model_validator
 from data import rewards as rewards_lib
 from train.config import RolloutConfig, Strict, TaskConfig, TrainStageConfig
 from train.loop import (
-    finish,
     init_optimizer,
     init_params,
     make_train_step,
@@ -339,7 +338,7 @@ def run(cfg: Config, ctx):
         logger.log_table("samples", ["prompt", "completion", "reward"], last_samples, step)
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state=state,
@@ -348,8 +347,5 @@ def run(cfg: Config, ctx):
         lr_at=lambda s: lr_at(s * updates),
         tokens_per_step=eval_batch * width,
         on_log=on_log,
+        end_metrics=lambda: initial,
     )
-    if out is None:
-        return ctx.interrupted()
-    state, final = out
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics={**final, **initial})

@@ -34,7 +34,6 @@ from recipes.pretrain import lm_loss
 from train.config import ChatDataConfig, RolloutConfig, TaskConfig, TrainStageConfig
 from train.loop import (
     evaluate,
-    finish,
     init_optimizer,
     init_params,
     make_eval_step,
@@ -166,7 +165,7 @@ def run(cfg: Config, ctx):
         return {"params": params, "opt_state": opt_state}, metrics
 
     # ---- loop (train/loop.py: log, eval, checkpoint, SIGTERM, resume)
-    out = train_loop(
+    return train_loop(
         ctx=ctx,
         cfg=cfg,
         state={"params": params, "opt_state": opt_state},
@@ -175,7 +174,3 @@ def run(cfg: Config, ctx):
         lr_at=lr_at,
         tokens_per_step=batch_size * seq_len,
     )
-    if out is None:
-        return ctx.interrupted()
-    state, final = out
-    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)

@@ -318,9 +318,11 @@ def train_loop(
     lr_at: Callable[[int], Any] | None = None,
     tokens_per_step: int = 0,
     on_log: Callable[[int, dict, Any], None] | None = None,
-) -> tuple[dict, dict] | None:
-    """Run steps `start+1 .. cfg.steps` of a training stage; returns (state, final eval) or None
-    when SIGTERM stopped it (after saving a checkpoint).
+    end_metrics: Callable[[], dict] | None = None,
+):
+    """Run steps `start+1 .. cfg.steps` of a training stage and return its StageResult: done
+    (final checkpoint, fingerprint, final eval + `end_metrics()`), or interrupted when SIGTERM
+    stopped it (after saving a checkpoint).
 
     `state` is everything that changes during training (params, optimizer state, an EMA
     anchor, ...): it is what a checkpoint holds, and a restored one replaces it, so a killed
@@ -388,15 +390,16 @@ def train_loop(
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or ctx.stop.requested:
                 save(step)
             if ctx.stop.requested and step < cfg.steps:
-                return None
+                return ctx.interrupted()
         ckpt.wait()
         final = run_eval(state) if run_eval else {}
         if final:
             logger.log(cfg.steps, final, kind="eval")
-        return state, final
     finally:
         ckpt.close()
         logger.close()
+    final.update(end_metrics() if end_metrics else {})
+    return finish(ctx=ctx, cfg=cfg, params=state["params"], metrics=final)
 
 
 def finish(*, ctx, cfg, params, metrics: dict):
