@@ -61,4 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from train.allocator import use_fast_allocator
+
+    use_fast_allocator()  # re-executes under mimalloc on a CPU-only host (train/allocator.py)
     sys.exit(main())

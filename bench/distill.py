@@ -815,4 +815,7 @@ def print_summary(out: dict) -> None:
 
 
 if __name__ == "__main__":
+    from train.allocator import use_fast_allocator
+
+    use_fast_allocator()  # as launch.py does: mimalloc on a CPU-only host
     main()

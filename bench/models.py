@@ -225,4 +225,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from train.allocator import use_fast_allocator
+
+    use_fast_allocator()  # as launch.py does: mimalloc on a CPU-only host
     main()
