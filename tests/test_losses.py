@@ -383,6 +383,39 @@ def test_full_kl_gradients_match_autodiff(divergence):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_full_kl_mixed_with_hard_labels_gradients_match_autodiff(temperature, chunk):
+    """alpha < 1 computes the hard-label CE inside full_kl's own passes: same gradient."""
+    d = make_batch(6)
+    s, te, mask = jnp.asarray(d["s"]), jnp.asarray(d["te"]), jnp.asarray(d["mask"])
+    targets, alpha = jnp.asarray(d["targets"]), 0.3
+
+    def ours(s, te):
+        return distill_loss(
+            kind="full_kl",
+            alpha=alpha,
+            student_logits=s,
+            teacher_logits=te,
+            mask=mask,
+            hard_targets=targets,
+            temperature=temperature,
+            vocab_chunk=chunk,
+        )[0]
+
+    def naive(s, te):
+        lq = jax.nn.log_softmax(s, -1)
+        nll = -jnp.take_along_axis(lq, targets[..., None], -1)[..., 0]
+        ce = (nll * mask).sum() / mask.sum()
+        return alpha * _naive_full(s, te, mask, temperature, "forward", 0.5) + (1 - alpha) * ce
+
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(s, te)
+    want = jax.jit(jax.value_and_grad(naive, argnums=(0, 1)))(s, te)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_name", ["sampled_ce", "topk_both", "topk_teacher_only"])
 def test_sparse_gradients_match_autodiff(loss_name):
     d = make_batch(7)
@@ -513,6 +546,16 @@ def test_chunked_equals_unchunked():
             hard_targets=jnp.asarray(d["targets"]),
             vocab_chunk=c,
             **{**sparse, "student_logits": s},
+        ),
+        "distill_alpha_full": lambda s, c: distill_loss(
+            kind="full_kl",
+            alpha=0.5,
+            temperature=2.0,
+            hard_targets=jnp.asarray(d["targets"]),
+            vocab_chunk=c,
+            student_logits=s,
+            teacher_logits=te,
+            mask=mask,
         ),
         **{
             f"full_{div}": (

@@ -191,24 +191,39 @@ def _mixture_log_ratios(ls, lt, beta):
     return -jnp.logaddexp(log_b, log_1mb + d), -jnp.logaddexp(log_1mb, log_b - d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _full_divergence(s, t, temperature, divergence, beta, chunk):
-    """Per position (divergence, forward KL), each float32 [...], between q = softmax(s / T) and
-    p = softmax(t / T) over the full vocabulary; see `full_kl`."""
-    return _full_divergence_fwd(s, t, temperature, divergence, beta, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _full_divergence(s, t, targets, temperature, divergence, beta, chunk):
+    """Per position (divergence, forward KL, hard-label NLL), each float32 [...], between
+    q = softmax(s / T) and p = softmax(t / T) over the full vocabulary (see `full_kl`); the NLL
+    is -log softmax(s)[targets] at T = 1 (zeros when targets is None).
+
+    The hard-label term lives here rather than in a second `_logprobs_at` because its
+    normaliser joins the same pass over the logits, and its gradient joins the same elementwise
+    backward, which ends in one scatter of the targets' -1: the student's logits gradient is
+    then a single materialised array, so the transpose that XLA:CPU's weight-gradient matmul
+    wants is a plain copy (fused into a sum of two vocabulary-sized gradients it read three
+    arrays in transposed order, ~10% of an online distillation step).
+    """
+    return _full_divergence_fwd(s, t, targets, temperature, divergence, beta, chunk)[0]
 
 
-def _full_divergence_fwd(s, t, temperature, divergence, beta, chunk):
+def _full_divergence_fwd(s, t, targets, temperature, divergence, beta, chunk):
     lead = s.shape[:-1]
+    hard = targets is not None
+    separate_lse1 = hard and temperature != 1.0
 
     def normalisers(acc, s_part, t_part):
+        parts = [s_part.astype(jnp.float32) / temperature, t_part.astype(jnp.float32) / temperature]
+        if separate_lse1:
+            parts.append(s_part.astype(jnp.float32))
         return tuple(
-            jnp.logaddexp(a, jax.nn.logsumexp(x.astype(jnp.float32) / temperature, axis=-1))
-            for a, x in zip(acc, (s_part, t_part), strict=True)
+            jnp.logaddexp(a, jax.nn.logsumexp(x, axis=-1)) for a, x in zip(acc, parts, strict=True)
         )
 
     neg_inf = jnp.full(lead, -jnp.inf, jnp.float32)
-    lse_s, lse_t = _fold_vocab(normalisers, (neg_inf, neg_inf), (s, t), chunk)
+    lses = _fold_vocab(normalisers, (neg_inf,) * (3 if separate_lse1 else 2), (s, t), chunk)
+    lse_s, lse_t = lses[:2]
+    lse1 = lses[2] if separate_lse1 else lse_s
 
     def sums(acc, s_part, t_part):
         ls, lt, q, p = _tempered(s_part, t_part, lse_s, lse_t, temperature)
@@ -229,16 +244,22 @@ def _full_divergence_fwd(s, t, temperature, divergence, beta, chunk):
         div = stats[1]
     else:  # JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m)
         div = beta * stats[1] + (1.0 - beta) * stats[2]
-    return (div, fkl), (s, t, lse_s, lse_t, stats)
+    if hard:
+        picked = jnp.take_along_axis(s, targets[..., None], axis=-1)[..., 0]
+        nll = lse1 - picked.astype(jnp.float32)
+    else:
+        nll = jnp.zeros(lead, jnp.float32)
+    return (div, fkl, nll), (s, t, targets, lse_s, lse_t, lse1, stats)
 
 
 def _full_divergence_bwd(temperature, divergence, beta, chunk, res, cts):
     # d/ds of sum_v q_v f(q)_v goes through the softmax: q * (g - sum_v q g) / T with
     # g = d/dq. Forward KL: g = -p/q. Reverse KL: g = log(q/p) + 1. JSD: g = (1 - beta) log(q/m)
     # (the log m terms' derivatives cancel), and symmetrically beta log(p/m) for the teacher.
+    # The hard-label NLL adds softmax(s) - onehot(target), the onehot as the last op (a scatter).
     del chunk
-    s, t, lse_s, lse_t, stats = res
-    g_div, g_fkl = (c.astype(jnp.float32)[..., None] for c in cts)
+    s, t, targets, lse_s, lse_t, lse1, stats = res
+    g_div, g_fkl, g_nll = (c.astype(jnp.float32)[..., None] for c in cts)
     ls, lt, q, p = _tempered(s, t, lse_s, lse_t, temperature)
     fkl = stats[0][..., None]
     g_f = g_fkl + g_div if divergence == "forward" else g_fkl
@@ -251,7 +272,11 @@ def _full_divergence_bwd(temperature, divergence, beta, chunk, res, cts):
         p_m, q_m = _mixture_log_ratios(ls, lt, beta)
         ds = ds + (1.0 - beta) * _xlogy_diff(q, q_m, stats[2][..., None]) * g_div
         dt = dt + beta * _xlogy_diff(p, p_m, stats[1][..., None]) * g_div
-    return (ds / temperature).astype(s.dtype), (dt / temperature).astype(t.dtype)
+    ds = ds / temperature
+    if targets is not None:
+        ds = ds + jnp.exp(s.astype(jnp.float32) - lse1[..., None]) * g_nll
+        ds = _scatter_add_last(ds, targets[..., None], -g_nll)
+    return ds.astype(s.dtype), (dt / temperature).astype(t.dtype), None
 
 
 _full_divergence.defvjp(_full_divergence_fwd, _full_divergence_bwd)
@@ -428,6 +453,7 @@ def full_kl(
     divergence: str = "forward",
     beta: float = 0.5,
     vocab_chunk: int | None = None,
+    hard_targets: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """A divergence between teacher and student over the full vocabulary, times T^2.
 
@@ -444,6 +470,9 @@ def full_kl(
         beta -> 1, so small beta behaves like forward KL and beta near 1 like reverse KL, up to
         that scale. Requires 0 < beta < 1; use "forward" / "reverse" for the end points.
     Gradients flow to both logits (stop the teacher's yourself if it is frozen).
+    With hard_targets int [batch, seq], the metrics also hold `nll_sum`, the masked sum of the
+    student's cross-entropy on them at T = 1, computed in the same passes (`distill_loss` mixes
+    it in for alpha < 1).
     """
     _check_common(temperature, vocab_chunk)
     if divergence not in ("forward", "reverse", "jsd"):
@@ -452,10 +481,20 @@ def full_kl(
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: {student_logits.shape} {teacher_logits.shape}")
-    div, fkl = _full_divergence(
-        student_logits, teacher_logits, float(temperature), divergence, float(beta), vocab_chunk
+    targets = None if hard_targets is None else hard_targets.astype(jnp.int32)
+    div, fkl, nll = _full_divergence(
+        student_logits,
+        teacher_logits,
+        targets,
+        float(temperature),
+        divergence,
+        float(beta),
+        vocab_chunk,
     )
-    return _reduce(div, fkl, mask, temperature**2)
+    loss, metrics = _reduce(div, fkl, mask, temperature**2)
+    if targets is not None:
+        metrics["nll_sum"] = jnp.where(mask.astype(jnp.float32) > 0, nll, 0.0).sum()
+    return loss, metrics
 
 
 DISTILL_LOSSES: dict[str, Callable[..., tuple[jax.Array, dict[str, jax.Array]]]] = {
@@ -491,11 +530,15 @@ def distill_loss(
         raise ValueError(f"unknown distillation loss {kind!r}; known: {sorted(DISTILL_LOSSES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and hard_targets is None:
+        raise ValueError("alpha < 1 needs hard_targets [batch, seq]")
+    fused_ce = kind == "full_kl" and alpha < 1.0  # one pass for both terms (see _full_divergence)
     _, m = DISTILL_LOSSES[kind](
         student_logits=student_logits,
         mask=mask,
         temperature=temperature,
         vocab_chunk=vocab_chunk,
+        **({"hard_targets": hard_targets} if fused_ce else {}),
         **teacher,
     )
     tokens, denom = m["tokens"], jnp.maximum(m["tokens"], 1.0)
@@ -508,11 +551,12 @@ def distill_loss(
     }
     loss_sum = alpha * m["loss_sum"]
     if alpha < 1.0:
-        if hard_targets is None:
-            raise ValueError("alpha < 1 needs hard_targets [batch, seq]")
-        targets = hard_targets.astype(jnp.int32)[..., None]
-        log_q = _logprobs_at(student_logits, targets, 1.0, vocab_chunk)[..., 0]
-        ce_sum = jnp.where(mask.astype(jnp.float32) > 0, -log_q, 0.0).sum()
+        if fused_ce:
+            ce_sum = m["nll_sum"]
+        else:
+            targets = hard_targets.astype(jnp.int32)[..., None]
+            log_q = _logprobs_at(student_logits, targets, 1.0, vocab_chunk)[..., 0]
+            ce_sum = jnp.where(mask.astype(jnp.float32) > 0, -log_q, 0.0).sum()
         metrics.update(ce=ce_sum / denom, ce_sum=ce_sum)
         loss_sum = loss_sum + (1.0 - alpha) * ce_sum
     loss = loss_sum / denom
