@@ -165,69 +165,94 @@ def sample_targets(
 
     if k < 1:
         raise ValueError(f"sampled: k must be >= 1, got {k}")
-    draws = jnp.sort(_draw_with_replacement(key, logprobs, k), axis=-1)  # [b, t, K]
+    *lead, vocab = logits.shape
+    scaled = logits.astype(jnp.float32).reshape(-1, vocab) / temperature
+    draws, picked, lse = _draw_with_replacement(key, scaled, k)  # [N, K], [N, K], [N]
+    if vocab * k < 2**31:  # sort one int32 key, id * K + draw index: faster than a pair sort
+        order = jnp.sort(draws * k + jnp.arange(k, dtype=jnp.int32), axis=1)
+        draws, picked = order // k, jnp.take_along_axis(picked, order % k, axis=1)
+    else:
+        draws, picked = jax.lax.sort((draws, picked), dimension=1, num_keys=1)
     # Dedupe the sorted draws: the first occurrence of each id starts a run whose length is its
-    # count. Sorting the run starts (K where not a start) packs the distinct ids to the front.
-    first = jnp.concatenate(
-        [jnp.ones(draws.shape[:-1] + (1,), bool), draws[..., 1:] != draws[..., :-1]], axis=-1
-    )
-    starts = jnp.sort(jnp.where(first, jnp.arange(k, dtype=jnp.int32), k), axis=-1)
-    valid = starts < k
-    next_start = jnp.concatenate([starts[..., 1:], jnp.full(starts.shape[:-1] + (1,), k)], -1)
+    # count. Run j goes to slot (number of runs started before it): a cumulative sum and a
+    # scatter, where a second sort of the run starts used to be.
+    n = draws.shape[0]
+    first = jnp.concatenate([jnp.ones((n, 1), bool), draws[:, 1:] != draws[:, :-1]], axis=1)
+    slot = jnp.where(first, jnp.cumsum(first, axis=1) - 1, k)  # k is out of range: dropped
+    rows = jnp.arange(n)[:, None]
+
+    def to_slots(values, fill):
+        return jnp.full((n, k), fill, values.dtype).at[rows, slot].set(values, mode="drop")
+
+    ids = to_slots(draws, -1)
+    starts = to_slots(jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (n, k)), k)
+    valid = ids >= 0
+    next_start = jnp.concatenate([starts[:, 1:], jnp.full((n, 1), k, jnp.int32)], axis=1)
     counts = jnp.where(valid, next_start - starts, 0).astype(jnp.int32)
-    ids = jnp.take_along_axis(draws, jnp.minimum(starts, k - 1), axis=-1)
-    ids = jnp.where(valid, ids, -1).astype(jnp.int32)
-    lp = jnp.take_along_axis(logprobs, jnp.maximum(ids, 0), axis=-1)
-    lp = jnp.where(valid, lp, 0.0)
-    return dict(ids=ids, valid=valid, teacher_logprobs=lp, counts=counts)
+    lp = jnp.where(valid, to_slots(picked, 0.0) - lse[:, None], 0.0)
+    out = dict(ids=ids, valid=valid, teacher_logprobs=lp, counts=counts)
+    return {name: x.reshape(*lead, k) for name, x in out.items()}
 
 
-def _draw_with_replacement(key: jax.Array, logprobs: jax.Array, k: int) -> jax.Array:
-    """K ids per position from exp(logprobs) [b, t, V] by two-level inverse-CDF sampling.
+def _draw_with_replacement(
+    key: jax.Array, scaled: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """K ids per position from softmax(scaled) [N, V] by three-level inverse-CDF sampling;
+    returns the ids and their scaled logits, each [N, K] (unsorted), and the logsumexp [N].
 
-    jax.random.categorical(shape=(K, ...)) draws a Gumbel per (draw, vocab entry), K*V work per
-    position. Inverse-CDF is one cumulative sum plus a binary search per draw, but a float32 CDF
-    over 262k entries cannot resolve the tail (its spacing near 1 is 6e-8, the size of a tail
-    probability). So: pick a block of B ids from the CDF over block masses, then an id from the
-    CDF inside that block, each with its own uniform; both CDFs have ~sqrt(V) entries.
+    jax.random.categorical(shape=(K, ...)) draws a Gumbel per (draw, vocabulary entry), K * V
+    work per position. Inverse-CDF sampling is a cumulative sum plus a search per draw, but a
+    float32 CDF over 262k entries cannot resolve the tail (its spacing near 1 is 6e-8, the size
+    of a tail probability), and a cumulative sum over the whole vocabulary is itself the slow
+    part on a CPU (it writes a vocabulary-sized array). So the vocabulary is cut into chunks of
+    c ids, and chunks into groups of g chunks, c and g about V^(1/3): a group is picked from the
+    CDF of group masses, a chunk from the CDF of its group's chunk masses, an id from the CDF of
+    its chunk, each with its own uniform and each CDF short enough to resolve every entry. The
+    only passes over the vocabulary are two reductions (the maximum, then the chunk masses
+    relative to it, which also give the logsumexp); each draw then reads one row of g chunk
+    masses and one chunk of c logits (row gathers), and picks within each by counting the CDF
+    entries at or below its target. Masses are left unnormalised (each pick scales its uniform
+    by its CDF's own total).
     """
-    *batch, vocab = logprobs.shape
-    block = 1 << max(0, math.ceil(math.log2(math.sqrt(vocab))))
-    num_blocks = 1 << max(0, math.ceil(math.log2(-(-vocab // block))))
-    pad = num_blocks * block - vocab
-    probs = jnp.exp(jnp.pad(logprobs, [(0, 0)] * len(batch) + [(0, pad)], constant_values=-jnp.inf))
-    within = jnp.cumsum(probs.reshape(*batch, num_blocks, block), axis=-1)  # [..., nb, B]
-    mass = within[..., -1]  # [..., nb]
-    block_cdf = jnp.cumsum(mass, axis=-1)
-    within = within.reshape(*batch, num_blocks * block)
-    u_block, u_id = jax.random.uniform(key, (2, *batch, k), jnp.float32)
+    n, vocab = scaled.shape
+    c = 1 << max(0, int(math.log2(vocab) // 3))
+    n_chunks = -(-vocab // c)
+    g = 1 << max(0, math.ceil(math.log2(math.sqrt(n_chunks))))
+    n_groups = -(-n_chunks // g)
+    x = jnp.pad(scaled, [(0, 0), (0, n_groups * g * c - vocab)], constant_values=-jnp.inf)
+    x = x.reshape(n, n_groups * g, c)
+    top = jax.lax.stop_gradient(jnp.max(scaled, axis=-1))[:, None, None]
+    chunk_mass = jnp.exp(x - top).sum(-1).reshape(n, n_groups, g)
+    within = jnp.cumsum(chunk_mass, axis=-1)  # [N, G, g]
+    group_cdf = jnp.cumsum(within[..., -1], axis=-1)  # [N, G]
+    lse = top[:, 0, 0] + jnp.log(group_cdf[:, -1])
+    u_group, u_chunk, u_id = jax.random.uniform(key, (3, n, k), jnp.float32)
+    rows = jax.vmap(lambda table, index: table[index])  # [N, R, w], [N, K] -> [N, K, w]
 
-    total = block_cdf[..., -1:]
-    target = jnp.minimum(u_block * total, jnp.nextafter(total, 0.0))
-    blk = _search(block_cdf, target, num_blocks, offset=None)
-    blk_mass = jnp.take_along_axis(mass, blk, axis=-1)
-    target = jnp.minimum(u_id * blk_mass, jnp.nextafter(blk_mass, 0.0))
-    pos = _search(within, target, block, offset=blk * block)
-    return (blk * block + pos).astype(jnp.int32)
+    def pick(cdf, u):
+        """First index whose CDF (last axis, nondecreasing) exceeds u * total: the number of
+        entries at or below the target. Zero-probability entries repeat the previous value, so
+        they are never the first; the target stays below the total."""
+        total = cdf[..., -1:]
+        target = jnp.minimum(u[..., None] * total, jnp.nextafter(total, 0.0))
+        return (cdf <= target).sum(-1).astype(jnp.int32)
 
-
-def _search(cdf: jax.Array, target: jax.Array, length: int, offset: jax.Array | None):
-    """Per draw, the first index i in [0, length) with cdf[offset + i] > target.
-
-    cdf [..., N] nondecreasing within each searched segment, target [..., K], length a power
-    of two. Binary lifting over gathers: log2(length) steps of K gathers per position, nothing
-    of size K * length. Because target < the segment's last value, the answer is < length and
-    lands on an entry of positive probability (zero-probability entries repeat the previous
-    value, so they are never the first to exceed the target).
-    """
-    pos = jnp.zeros(target.shape, jnp.int32)
-    step = length // 2
-    while step >= 1:
-        idx = pos + step - 1 if offset is None else offset + pos + step - 1
-        below = jnp.take_along_axis(cdf, idx, axis=-1) <= target
-        pos = jnp.where(below, pos + step, pos)
-        step //= 2
-    return pos
+    group = pick(group_cdf[:, None, :], u_group)  # [N, K]
+    chunk = group * g + pick(rows(within, group), u_chunk)
+    logits_of_chunk = rows(x, chunk)  # [N, K, c]
+    # The last level counts against a sequential running sum, unrolled, never materialised
+    # (XLA:CPU's cumsum is a reduce-window, c adds per entry). Sequential, not a triangular
+    # matmul, whose blocked sums could put a padding entry's CDF above its chunk's last real
+    # entry and so let it be drawn.
+    mass = jnp.exp(logits_of_chunk - top)
+    total = functools.reduce(jnp.add, (mass[..., j] for j in range(c)))
+    target = jnp.minimum(u_id * total, jnp.nextafter(total, 0.0))
+    running, pos = jnp.zeros_like(total), jnp.zeros(total.shape, jnp.int32)
+    for j in range(c - 1):  # the last entry's running sum is the total: never <= target
+        running = running + mass[..., j]
+        pos = pos + (running <= target).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits_of_chunk, pos[..., None], axis=-1)[..., 0]
+    return chunk * c + pos, picked, lse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,6 +139,29 @@ def test_sampled_targets_converge_to_the_teacher():
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3, errors
 
 
+def test_sampled_frequencies_with_padding_and_impossible_ids():
+    # 1000 ids: chunks of 8, groups of 16 chunks, 8 groups = 1024 slots, 24 of them padding.
+    # Every 7th id has probability 0 (logit -inf): neither they nor padding may ever be drawn.
+    vocab, k, positions = 1000, 256, 2048
+    logits = np.random.default_rng(5).normal(size=vocab).astype(np.float32) * 2
+    logits[::7] = -np.inf
+    p = np.exp(logits - logits[np.isfinite(logits)].max())
+    p /= p.sum()
+    t = ls.sample_targets(
+        key=jax.random.key(3),
+        logits=jnp.broadcast_to(jnp.asarray(logits), (4, positions // 4, vocab)),
+        method="sampled",
+        k=k,
+    )
+    ids, valid, counts = (
+        np.asarray(t[n]).reshape(positions, k) for n in ("ids", "valid", "counts")
+    )
+    assert ids.max() < vocab and np.all(counts.sum(-1) == k)
+    freq = np.bincount(ids[valid], weights=counts[valid], minlength=vocab) / (positions * k)
+    assert np.all(freq[::7] == 0)
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / (positions * k)) + 1e-9)
+
+
 def test_sampling_resolves_the_tail_of_a_262k_vocabulary():
     # One id holds ~99.7% of the mass; 262143 others 1e-8 each, below the float32 spacing near
     # 1 (6e-8), where a single float32 CDF over the vocabulary can only give an id 0 or 6e-8.
