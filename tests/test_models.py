@@ -8,7 +8,7 @@ from flax import nnx
 
 from train.models.config import ModelConfig
 from train.models.gemma import Transformer, num_params
-from train.models.layers import param_axes
+from train.models.layers import param_axes, project
 
 CONFIGS = {
     "gemma": dict(family="gemma", num_kv_heads=1),
@@ -193,3 +193,21 @@ def test_num_params_counts_tied_embedding_once():
     assert (
         num_params(model) == cfg.vocab_size * cfg.d_model + cfg.num_layers * per_layer + cfg.d_model
     )
+
+
+def test_project_is_an_einsum_with_the_same_gradients():
+    """layers.project materialises its cotangent on CPU (a performance device): values and
+    gradients must be those of the plain einsum."""
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 5, 8))
+    w = jax.random.normal(k[1], (8, 3, 4))
+    cot = jax.random.normal(k[2], (2, 5, 3, 4))
+
+    def loss(fn):
+        return lambda x, w: (jnp.tanh(fn("btd,dhk->bthk", x, w)) * cot).sum()
+
+    ours = jax.jit(jax.value_and_grad(loss(project), argnums=(0, 1)))(x, w)
+    plain = jax.jit(jax.value_and_grad(loss(jnp.einsum), argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(float(ours[0]), float(plain[0]), rtol=1e-6)
+    for a, b in zip(ours[1], plain[1], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

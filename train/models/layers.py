@@ -22,6 +22,40 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+@jax.custom_vjp
+def _materialize_cotangent(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    # Adding 0 at one index is an identity XLA does not simplify, and a scatter is never fused
+    # into its consumers: g is written once, in its own layout (see `project`).
+    return (g.at[(0,) * g.ndim].add(jnp.zeros((), g.dtype)),)
+
+
+_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def project(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(equation, x, w) for a layer's projection; on CPU its cotangent is materialised.
+
+    Why: XLA:CPU's matmul library (YNNPACK) wants both operands' contracting dimension minor,
+    so the weight gradient dW = x^T g reads g [tokens, features] transposed. XLA then fuses
+    that transpose into the elementwise backward that produces g (the GeGLU derivative, the
+    norm's), once per consumer, and such a loop reading several inputs in transposed order is
+    slow: a GeGLU MLP's forward + backward at 2048 tokens x 1024 features takes 115 ms on 2
+    cores, 60 ms when g is written once and transposed by a plain copy. Numerics are unchanged
+    (the materialisation adds 0 at one index). GPUs and TPUs read transposed operands natively,
+    so there it is a plain einsum.
+    """
+    y = jnp.einsum(equation, x, w)
+    return _materialize_cotangent(y) if jax.default_backend() == "cpu" else y
+
+
 def make_param(rngs: nnx.Rngs, init, shape, dtype, axes: tuple[str, ...]) -> nnx.Param:
     """A parameter with its logical axis names (one name per dimension).
 
@@ -175,9 +209,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, dict | None]:
         cfg = self.cfg
         cd = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(cd))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(cd))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(cd))
+        q = project("btd,dhk->bthk", x, self.q[...].astype(cd))
+        k = project("btd,dhk->bthk", x, self.k[...].astype(cd))
+        v = project("btd,dhk->bthk", x, self.v[...].astype(cd))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         rope_dim = int(cfg.head_dim * cfg.rope_fraction)
@@ -206,7 +240,7 @@ class Attention(nnx.Module):
             q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg, window=self.window
         )
         out = dot_attention(q, keys, values, mask, softcap=cfg.attn_logit_softcap)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(cd))
+        y = project("bthk,hkd->btd", out, self.o[...].astype(cd))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(cd)
         return y, new_cache
@@ -262,12 +296,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = x.dtype
-        gate = x @ self.gate[...].astype(cd)
-        up = x @ self.up[...].astype(cd)
+        gate = project("...d,df->...f", x, self.gate[...].astype(cd))
+        up = project("...d,df->...f", x, self.up[...].astype(cd))
         if self.gate_bias is not None:
             gate = gate + self.gate_bias[...].astype(cd)
             up = up + self.up_bias[...].astype(cd)
-        y = (jax.nn.gelu(gate, approximate=True) * up) @ self.down[...].astype(cd)
+        h = jax.nn.gelu(gate, approximate=True) * up
+        y = project("...f,fd->...d", h, self.down[...].astype(cd))
         if self.down_bias is not None:
             y = y + self.down_bias[...].astype(cd)
         return y
