@@ -598,14 +598,9 @@ def main() -> None:
 
     # ---- every timed call, run in interleaved rounds
     parts: list[tuple[float, float, float]] = []
+    in_flight: list = []
 
-    def sample_logits_once() -> None:
-        """The sample_logits stage's work per batch: forward + sampling, fetch, encode."""
-        t0 = time.perf_counter()
-        dev = jax.block_until_ready(target_fns["sampled"](t_params, sample_dev))
-        t1 = time.perf_counter()
-        host = jax.device_get(dev)
-        t2 = time.perf_counter()
+    def encode(host) -> None:
         for i in range(BATCH):
             logit_store.encode_row(
                 {n: x[i] for n, x in host.items()},
@@ -615,7 +610,33 @@ def main() -> None:
                 k=K_SAMPLED,
                 logprob_dtype="bf16",
             )
-        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+    overlap = jax.default_backend() != "cpu"  # as recipes/sample_logits.py decides
+
+    def sample_logits_once() -> None:
+        """The sample_logits stage's loop, one batch. On an accelerator: dispatch this batch's
+        forward + sampling, fetch and encode the previous batch while the device works, then
+        wait for this batch. On a CPU: forward + sampling, then fetch and encode this batch.
+        Parts: fetch, encode, and the wait for the device outside them."""
+        t0 = time.perf_counter()
+        on_device = target_fns["sampled"](t_params, sample_dev)
+        if not overlap:
+            in_flight.append(jax.block_until_ready(on_device))
+        if in_flight:
+            t1 = time.perf_counter()
+            host = jax.device_get(in_flight.pop())
+            t2 = time.perf_counter()
+            encode(host)
+        else:
+            t1 = t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        if overlap:
+            in_flight.append(jax.block_until_ready(on_device))
+        parts.append((t2 - t1, t3 - t2, (t1 - t0) + (time.perf_counter() - t3)))
+
+    def sample_device_once() -> None:
+        """The forward + sampling program alone (what the stage's loop overlaps with)."""
+        jax.block_until_ready(target_fns["sampled"](t_params, sample_dev))
 
     mm = jax.jit(jnp.matmul)
     mm_a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
@@ -630,6 +651,7 @@ def main() -> None:
         "matmul 2048^3": lambda: mm(mm_a, mm_a).block_until_ready(),
         "teacher forward": lambda: teacher_forward(t_params, text_dev).block_until_ready(),
         "sample_logits": sample_logits_once,
+        "sample_logits, device": sample_device_once,
     }
     for name, cfg, loss_fn, batch, extra in (
         ("student CE", student_cfg, lm_loss, text_dev, None),
@@ -663,9 +685,9 @@ def main() -> None:
     out["matmul"]["peak_flops"] = peak
     del timings["matmul 2048^3"]
     r = timings["sample_logits"]
-    r["device_median_s"] = statistics.median(x[0] for x in parts)
-    r["device_get_median_s"] = statistics.median(x[1] for x in parts)
-    r["encode_median_s"] = statistics.median(x[2] for x in parts)
+    r["device_get_median_s"] = statistics.median(x[0] for x in parts)
+    r["encode_median_s"] = statistics.median(x[1] for x in parts)
+    r["wait_median_s"] = statistics.median(x[2] for x in parts)
     for name, r in timings.items():
         print(
             f"  {name:24s} median {r['median_s'] * 1e3:7.1f} ms (min {r['min_s'] * 1e3:7.1f}, "
@@ -675,9 +697,10 @@ def main() -> None:
         )
     r = timings["sample_logits"]
     print(
-        f"    sample_logits: device (forward + sampling) {r['device_median_s'] * 1e3:.1f} ms, "
-        f"device_get {r['device_get_median_s'] * 1e3:.1f} ms, encode_row x{BATCH} "
-        f"{r['encode_median_s'] * 1e3:.1f} ms",
+        f"    sample_logits (stage loop{', host work overlapped' if overlap else ''}): device "
+        f"wait {r['wait_median_s'] * 1e3:.1f} ms, device_get {r['device_get_median_s'] * 1e3:.1f}"
+        f" ms, encode_row x{BATCH} {r['encode_median_s'] * 1e3:.1f} ms; the forward + sampling "
+        f"alone {timings['sample_logits, device']['median_s'] * 1e3:.1f} ms",
         flush=True,
     )
     print(
@@ -718,6 +741,7 @@ def main() -> None:
         "teacher_forward_tokens_per_s": tps["teacher forward"],
         "sample_logits_tokens_per_s": tps["sample_logits"],
         "sampling_overhead": sl / fwd - 1.0,
+        "sampling_overhead_device": timings["sample_logits, device"]["median_s"] / fwd - 1.0,
         "matmul_peak_flops": peak,
         "mfu_online": online * fpt["online"] / peak,
         "mfu_offline": offline * fpt["student_train"] / peak,
@@ -766,6 +790,8 @@ def print_summary(out: dict) -> None:
         ("sample_logits tokens/s", f"{s['sample_logits_tokens_per_s']:,.0f}", "", "", "", "", ""),
         ("sampling overhead", f"{s['sampling_overhead']:+.1%}", "", "", "", "<= 10%",
          met(s["sampling_overhead"] <= TARGETS["sampling_overhead"])),
+        ("  of which forward + sampling", f"{s['sampling_overhead_device']:+.1%}", "", "", "", "",
+         ""),
         ("matmul peak", f"{s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", tunix_peak, "", "", "", ""),
         ("MFU online", f"{s['mfu_online']:.1%}", "", "", "", "", ""),
         ("MFU offline", f"{s['mfu_offline']:.1%}", "", "", "", ">= 60%",

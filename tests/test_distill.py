@@ -155,6 +155,18 @@ def test_kill_during_sampling_and_distillation_then_resume_is_exact(offline_run,
     assert got["stages"]["student"]["params_sha256"] == ref["stages"]["student"]["params_sha256"]
 
 
+def test_overlapped_sampling_writes_the_same_store(offline_run, corpus):
+    """overlap: true (the accelerator default: encode batch b - 1 while batch b runs) gives a
+    byte-identical store."""
+    rc, out = launch_process(pipeline(corpus, "overlap", **{"stages.logits.overlap": True}))
+    assert rc == 0, out
+    sums = lambda d: [
+        s["sha256"] for s in json.loads((d / "logits/logits/manifest.json").read_text())["shards"]
+    ]
+    ref_dir, _ = offline_run
+    assert sums(corpus / "runs/overlap") == sums(ref_dir)
+
+
 def test_store_refuses_a_mismatched_student(offline_run, corpus):
     import shutil
 
