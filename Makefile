@@ -30,6 +30,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/models.py
+	$(PY) bench/distill.py
+	$(PY) bench/rollout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
