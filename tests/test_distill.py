@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import launch
-from data.corpus import load_documents
 from data.logit_store import LogitStoreReader
+from tests.conftest import write_kjv_corpus
 from tests.test_resume import launch as launch_process
 from tests.test_resume import wait_for_checkpoint
 from train.metrics import read_metrics
@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("distill")
-    (d / "corpus.txt").write_text("\n\n".join(doc.text for doc in load_documents("kjv")[:40]))
-    return d
+    return write_kjv_corpus(tmp_path_factory.mktemp("distill"), 40)
 
 
 def pipeline(workdir: Path, name: str, **changes) -> Path:

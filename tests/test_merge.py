@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from data.corpus import load_documents
+from tests.conftest import write_kjv_corpus
 from train import merging
 from train.checkpoint import params_sha256
 from train.config import ConfigError, parse_config
@@ -241,8 +241,7 @@ def test_merge_stage_end_to_end(tmp_path):
     from train.mesh import make_mesh
     from train.pipeline import run_pipeline
 
-    docs = load_documents("kjv")[:20]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(doc.text for doc in docs))
+    write_kjv_corpus(tmp_path, 20)
     cfg = parse_config(pipeline_raw(tmp_path, "merge"), num_devices=8)
     assert run_pipeline(cfg, log=lambda *_: None) == 0
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from data.corpus import load_documents
+from tests.conftest import write_kjv_corpus
 from tests.test_resume import launch, manifest, write_config
 from train.config import load_config
 from train.loop import abstract_params, load_params
@@ -32,10 +32,7 @@ STAGE = dict(steps=6, eval={"every": 3, "batches": 2}, checkpoint={"every": 3, "
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("multihost")
-    docs = load_documents("kjv")[:60]
-    (d / "corpus.txt").write_text("\n\n".join(doc.text for doc in docs))
-    return d
+    return write_kjv_corpus(tmp_path_factory.mktemp("multihost"), 60)
 
 
 def free_port() -> int:

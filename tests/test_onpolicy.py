@@ -13,8 +13,8 @@ import yaml
 from flax import nnx
 
 import launch
-from data.corpus import load_documents
 from recipes.onpolicy_distill import Config, is_on_policy, make_loss
+from tests.conftest import write_kjv_corpus
 from tests.test_resume import launch as launch_process
 from tests.test_resume import wait_for_checkpoint
 from train.metrics import read_metrics
@@ -102,9 +102,7 @@ def test_on_policy_choice_is_a_function_of_seed_and_step():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("onpolicy")
-    (d / "corpus.txt").write_text("\n\n".join(doc.text for doc in load_documents("kjv")[:20]))
-    return d
+    return write_kjv_corpus(tmp_path_factory.mktemp("onpolicy"), 20)
 
 
 def pipeline(workdir: Path, name: str, **changes) -> Path:

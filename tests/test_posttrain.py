@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import write_kjv_corpus
 from tests.test_resume import launch, manifest, wait_for_checkpoint, write_config
 from train.rollout import sequence_batch, step_examples
 
@@ -125,10 +126,7 @@ def posttrain_stages(steps: int = 6) -> dict:
 
 @pytest.mark.slow
 def test_posttraining_resumes_exactly_after_sigkill(tmp_path):
-    from data.corpus import load_documents
-
-    docs = load_documents("kjv")[:60]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(d.text for d in docs))
+    write_kjv_corpus(tmp_path, 60)
     stages = posttrain_stages()
     ref_cfg = write_config(tmp_path, "post_ref", extra_stages=stages, steps=10)
     rc, out = launch(ref_cfg)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.corpus import load_documents
+from tests.conftest import write_kjv_corpus
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("resume")
-    docs = load_documents("kjv")[:60]
-    (d / "corpus.txt").write_text("\n\n".join(doc.text for doc in docs))
-    return d
+    return write_kjv_corpus(tmp_path_factory.mktemp("resume"), 60)
 
 
 def write_config(workdir: Path, name: str, extra_stages=None, **stage) -> Path:

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from data.corpus import load_documents
 from data.tokenizer import END_OF_TURN
 from recipes import reward_model as rm
+from tests.conftest import write_kjv_corpus
 from train.config import ConfigError, parse_config
 
 TINY = {
@@ -164,8 +164,7 @@ def np_tree(tree):
 def test_reward_models_learn_merge_and_score(tmp_path):
     from train.pipeline import Manifest, StageContext, run_pipeline
 
-    docs = load_documents("kjv")[:20]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(doc.text for doc in docs))
+    write_kjv_corpus(tmp_path, 20)
     cfg = parse_config(pipeline_raw(tmp_path, "rm"), num_devices=8)
     assert run_pipeline(cfg, log=lambda *_: None) == 0
     manifest = json.loads((cfg.run_dir / "manifest.json").read_text())["stages"]

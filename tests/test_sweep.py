@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import write_kjv_corpus
 from train.config import ConfigError
 from train.sweep import Sweep, expand_grid, expand_random, run_sweep
 
@@ -240,12 +241,7 @@ def test_shipped_sweeps_validate(path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from data.corpus import load_documents
-
-    d = tmp_path_factory.mktemp("sweep")
-    docs = load_documents("kjv")[:40]
-    (d / "corpus.txt").write_text("\n\n".join(doc.text for doc in docs))
-    return d
+    return write_kjv_corpus(tmp_path_factory.mktemp("sweep"), 40)
 
 
 @pytest.fixture(scope="module")
