@@ -148,8 +148,10 @@ def sample_targets(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    vocab = logprobs.shape[-1]
+    *lead, vocab = logits.shape
+    scaled = logits.astype(jnp.float32) / temperature
+    if method != "sampled":  # the sampler needs no vocabulary-sized log-softmax
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
     if method == "full":
         ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logprobs.shape)
         valid = jnp.ones(logprobs.shape, bool)
@@ -165,9 +167,7 @@ def sample_targets(
 
     if k < 1:
         raise ValueError(f"sampled: k must be >= 1, got {k}")
-    *lead, vocab = logits.shape
-    scaled = logits.astype(jnp.float32).reshape(-1, vocab) / temperature
-    draws, picked, lse = _draw_with_replacement(key, scaled, k)  # [N, K], [N, K], [N]
+    draws, picked, lse = _draw_with_replacement(key, scaled.reshape(-1, vocab), k)  # [N, K]x2, [N]
     if vocab * k < 2**31:  # sort one int32 key, id * K + draw index: faster than a pair sort
         order = jnp.sort(draws * k + jnp.arange(k, dtype=jnp.int32), axis=1)
         draws, picked = order // k, jnp.take_along_axis(picked, order % k, axis=1)
