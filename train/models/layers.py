@@ -43,12 +43,12 @@ _materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 def project(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(equation, x, w) for a layer's projection; on CPU its cotangent is materialised.
 
-    Why: XLA:CPU's matmul library (YNNPACK) wants both operands' contracting dimension minor,
-    so the weight gradient dW = x^T g reads g [tokens, features] transposed. XLA then fuses
-    that transpose into the elementwise backward that produces g (the GeGLU derivative, the
-    norm's), once per consumer, and such a loop reading several inputs in transposed order is
-    slow: a GeGLU MLP's forward + backward at 2048 tokens x 1024 features takes 115 ms on 2
-    cores, 60 ms when g is written once and transposed by a plain copy. Numerics are unchanged
+    Why: for the weight gradient dW = x^T g, which contracts over tokens, XLA:CPU lays out
+    g [tokens, features] transposed, and it fuses that transpose into the elementwise backward
+    that produces g (the GeGLU derivative, the norm's), beside the untransposed copy the input
+    gradient reads. Such a loop reading several inputs in transposed order is slow: a GeGLU
+    MLP's forward + backward at 2048 tokens x 1024 features takes 115 ms on 2 cores, 60 ms
+    when g is written once and transposed by a plain copy. Numerics are unchanged
     (the materialisation adds 0 at one index). GPUs and TPUs read transposed operands natively,
     so there it is a plain einsum.
     """
