@@ -79,7 +79,7 @@ from data import logit_store
 from recipes.distill import Config as DistillConfig
 from recipes.distill import make_loss
 from recipes.pretrain import lm_loss
-from recipes.sample_logits import make_teacher_targets
+from recipes.sample_logits import default_overlap, make_teacher_targets
 from train.config import DistillLossConfig, InitConfig, OptimConfig
 from train.loop import abstract_params, init_params, make_train_step, put_batch
 from train.mesh import MeshConfig, batch_sharding, like_params_shardings, make_mesh
@@ -611,7 +611,7 @@ def main() -> None:
                 logprob_dtype="bf16",
             )
 
-    overlap = jax.default_backend() != "cpu"  # as recipes/sample_logits.py decides
+    overlap = default_overlap()  # as the sample_logits stage decides
 
     def sample_logits_once() -> None:
         """The sample_logits stage's loop, one batch. On an accelerator: dispatch this batch's
@@ -622,13 +622,11 @@ def main() -> None:
         on_device = target_fns["sampled"](t_params, sample_dev)
         if not overlap:
             in_flight.append(jax.block_until_ready(on_device))
-        if in_flight:
-            t1 = time.perf_counter()
-            host = jax.device_get(in_flight.pop())
-            t2 = time.perf_counter()
+        t1 = time.perf_counter()
+        host = jax.device_get(in_flight.pop()) if in_flight else None
+        t2 = time.perf_counter()
+        if host is not None:
             encode(host)
-        else:
-            t1 = t2 = time.perf_counter()
         t3 = time.perf_counter()
         if overlap:
             in_flight.append(jax.block_until_ready(on_device))

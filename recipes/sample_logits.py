@@ -85,6 +85,11 @@ def make_teacher_targets(graphdef, *, method: str, k: int, temperature: float, k
     return teacher_targets
 
 
+def default_overlap() -> bool:
+    """`overlap` when the config leaves it unset: on accelerators, not on a CPU backend."""
+    return jax.default_backend() != "cpu"
+
+
 def store_dir(ctx, stage: str):
     return ctx.run_dir / stage / "logits"
 
@@ -147,7 +152,7 @@ def run(cfg: Config, ctx) -> StageResult:
     # would share the same cores and the encoding stalls XLA's threads (measured in
     # bench/distill.py: 855 ms per batch overlapped against ~775 ms in turn).
     # Whatever is in flight is written before the stage returns, also on a stop.
-    overlap = cfg.overlap if cfg.overlap is not None else jax.default_backend() != "cpu"
+    overlap = cfg.overlap if cfg.overlap is not None else default_overlap()
     pending = None
 
     def write(item) -> None:
